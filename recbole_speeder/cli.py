@@ -1,0 +1,57 @@
+"""Command line of ``run_recbole_speeder.py``: RecBole's flags, plus any ``--key=value`` config override."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from logging import getLogger
+
+from recbole_speeder.errors import UsageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train and evaluate Speeder or any RecBole model. Other --key=value flags set config keys.",
+    )
+    parser.add_argument("--model", "-m", default="Speeder", help="model name (Speeder, SASRec, BERT4Rec, ...)")
+    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name, e.g. ml-100k, Amazon_Beauty")
+    parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this node")
+    parser.add_argument("--world_size", type=int, default=-1, help="total processes over all nodes")
+    parser.add_argument("--ip", default="localhost", help="master address")
+    parser.add_argument("--port", default="5678", help="master port")
+    parser.add_argument("--group_offset", type=int, default=0, help="global rank of this node's first process")
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    args, rest = build_parser().parse_known_args(argv)
+    bad = [arg for arg in rest if not (arg.startswith("--") and "=" in arg)]
+    if bad:
+        raise UsageError(f"unrecognised arguments {bad}: config overrides take the form --key=value")
+    return args, rest
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run what the command line asks; a user mistake prints one line and exits with status 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, overrides = parse_args(argv)
+        from recbole_speeder.quick_start import run
+
+        config_files = args.config_files.split() if args.config_files else None
+        return run(
+            args.model,
+            args.dataset,
+            config_file_list=config_files,
+            nproc=args.nproc,
+            world_size=args.world_size,
+            ip=args.ip,
+            port=args.port,
+            group_offset=args.group_offset,
+            cmd_args=overrides,
+        )
+    except (UsageError, FileNotFoundError) as err:
+        getLogger().debug("usage error", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

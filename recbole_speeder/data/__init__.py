@@ -1,0 +1,3 @@
+from recbole_speeder.data.dataset import SpeederDataset
+
+__all__ = ["SpeederDataset"]

