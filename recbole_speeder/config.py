@@ -10,7 +10,8 @@ from __future__ import annotations
 from recbole.config import Config as RecBoleConfig
 
 from recbole_speeder.compat import apply_compat
-from recbole_speeder.properties import properties_dir
+from recbole_speeder.metrics import register_metrics
+from recbole_speeder.resources import properties_dir
 from recbole_speeder.utils import get_model
 
 
@@ -30,6 +31,7 @@ class Config(RecBoleConfig):
         cmd_args: list[str] | None = None,
     ):
         apply_compat()
+        register_metrics()  # VHR, ValidRatio, HR: RecBole checks the metrics list in __init__
         self._cmd_args = list(cmd_args or [])
         super().__init__(model, dataset, config_file_list, config_dict)
 
@@ -61,3 +63,11 @@ class Config(RecBoleConfig):
         if dataset_file.is_file():
             added = self._update_internal_config_dict(str(dataset_file)) or {}
             self.parameters["Dataset"] += [k for k in added if k not in self.parameters["Dataset"]]
+
+    def _init_device(self):
+        # RecBole's distributed branch hard-codes NCCL and cuda:<local_rank>: CPU ranks (gloo) could not start.
+        if "local_rank" not in self.final_config_dict:
+            return super()._init_device()
+        from recbole_speeder.trainer.distributed import init_distributed_device
+
+        init_distributed_device(self.final_config_dict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import MutableMapping
 from logging import getLogger
 
@@ -10,6 +11,7 @@ from recbole.data import data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_speeder.config import Config
+from recbole_speeder.protocol import evaluate_test, seed_eval_candidates, tag_results_with_protocol
 from recbole_speeder.utils import create_dataset, get_model, get_trainer
 
 
@@ -38,6 +40,7 @@ def run(
          "offset": group_offset}
     )
     kwargs = {"config_dict": config_dict, "queue": queue, "cmd_args": cmd_args, "saved": saved}
+    os.makedirs(os.path.join("log", model), exist_ok=True)  # RecBole's init_logger creates it racily in every rank
     mp.spawn(_run_rank, args=(model, dataset, config_file_list, kwargs), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()
 
@@ -61,10 +64,12 @@ def run_recbole_speeder(
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
+    tag_results_with_protocol(config)
     logger.info(config)
     data = create_dataset(config)
     logger.info(data)
     train_data, valid_data, test_data = data_preparation(config, data)
+    seed_eval_candidates(config, valid_data, test_data)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     recommender = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(recommender)
@@ -72,7 +77,8 @@ def run_recbole_speeder(
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    test = evaluate_test(trainer, config, test_data, load_best_model=saved, show_progress=config["show_progress"])
+    test_result = test["test_result"]
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     if hasattr(recommender, "mean_prompt_tokens"):
         logger.info(set_color("mean prompt tokens per sample", "blue") + f": {recommender.mean_prompt_tokens():.1f}")
@@ -83,7 +89,7 @@ def run_recbole_speeder(
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
-        "test_result": test_result,
+        **test,  # test_result, its protocol and per-user cost; the full-ranking result beside it
     }
     if not config["single_spec"]:
         dist.destroy_process_group()

@@ -1,0 +1,474 @@
+"""Speeder's generative mode (``predict_mode: generate``): the LLM reads N candidates and answers with one.
+
+The prompt continues the one Speeder already packs (instruction prefix, history blocks, suffix) with
+``<generate_candidates_text> [A][item] [B][item] ... <generate_answer_text>``; an item is its MRC soft
+token(s), or its text tokens with ``item_repr: text`` (there the list is LLaRA-style, ``; title ; title``, and
+the answer is a title plus an end token). Training: the true next item and N-1 negatives per row (drawn from a
+generator seeded by ``seed``, positions shuffled), language-model loss on the answer tokens only, plus the
+score-mode loss read at the history's end of the same forward (``generate_score_loss_weight``).
+
+Decoders: ``constrained`` takes the argmax over the N candidates (label-token logits at the answer position; in
+text mode each title's log-likelihood), so every answer is valid; ``free`` greedy-decodes text and parses it,
+and an answer that names no candidate is invalid. Only the logits that are needed are computed: label or answer
+positions, never the full vocabulary at every position.
+
+RecBole reaches the model through ``predict`` (one row per (user, candidate): its sampled evaluation repeats a
+user's row once per candidate, all in one batch) and ``full_sort_predict``; both return scores its evaluator
+ranks. ``predict`` regroups the rows by history, shows each user its own N rows as the candidate list (in an
+order seeded by the user id, so the true item has no fixed label) and returns each candidate's answer score.
+``full_sort_predict`` lists the top-N items of the score-mode head. A free answer puts its candidate first
+(score 1, the rest by their first answer token's log-prob); an invalid one gives all ``-inf``, which the
+``VHR``/``ValidRatio``/``HR`` metrics (``recbole_speeder/metrics.py``) count as not valid.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from logging import getLogger
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from recbole_speeder.errors import UsageError
+from recbole_speeder.model.prompt import pack_layout, text_token_ids
+from recbole_speeder.protocol import candidate_count
+
+PREDICT_MODES = ("score", "generate")
+DECODERS = ("constrained", "free")
+LABEL_SETS = {"letters": [chr(ord("A") + i) for i in range(26)], "numbers": [str(i + 1) for i in range(99)]}
+TITLE_SCORES = ("mean", "sum")
+SAMPLINGS = ("uniform", "popularity")
+ORDER_SEED_STRIDE = 1_000_003
+
+
+def history_groups(users: torch.Tensor, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+    """Group id per row: rows with the same user and history share one prompt."""
+    key = torch.cat([users.unsqueeze(1), item_seq_len.unsqueeze(1), item_seq], dim=1)
+    return torch.unique(key, dim=0, return_inverse=True)[1]
+
+
+def distinct_histories(users, item_seq, item_seq_len) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first row of each distinct history, in row order; group id per row)``: RecBole's sampled evaluation
+    repeats a user's row once per candidate, and one prompt per history is enough to score them all. Groups keep
+    the rows' order, so a batch without repeats runs exactly as given (same floating-point sums)."""
+    groups = history_groups(users, item_seq, item_seq_len)
+    rows = torch.arange(len(groups), device=groups.device)
+    first = torch.full((int(groups.max()) + 1,), len(groups), device=groups.device)
+    first = first.scatter_reduce(0, groups, rows, reduce="amin")
+    order = first.argsort()
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    return first[order], rank[groups]
+
+
+def listing_order(keys: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A permutation of ``n`` candidate slots per key (user id), the same for every model and run with ``seed``."""
+    perms = [
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed * ORDER_SEED_STRIDE + key))
+        for key in keys.tolist()
+    ]
+    return torch.stack(perms).to(keys.device)
+
+
+def normalise_answer(text: str) -> str:
+    """Case-folded words without punctuation: the form in which free answers are matched to candidates."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
+
+
+@dataclass
+class _Decoding:
+    """A prompt already run through the LLM, ready to continue: cache, attention mask, next position, last state."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, prefix + slots] 1 on real tokens
+    next_position: torch.Tensor  # [B]
+    last: torch.Tensor  # [B, d] hidden state of the prompt's last token
+
+
+class GenerativeAnswerer(nn.Module):
+    """Builds candidate prompts, trains the answer and decodes it, for the Speeder model passed to each call.
+
+    Holds only token ids (buffers) and the training sampler; the model is an argument, never a submodule.
+    """
+
+    def __init__(self, config, dataset, tokenizer, item_repr: str):
+        super().__init__()
+        self.decoder = config["generate_decoder"]
+        self.item_repr = item_repr
+        self.n_candidates = int(config["generate_candidates"])
+        self.score_loss_weight = float(config["generate_score_loss_weight"])
+        self.title_score = config["generate_title_score"]
+        self.seed = int(config["seed"])
+        self.tokenizer = tokenizer
+        self._check(config)
+        n_eval = [n for n in (candidate_count(config, p) for p in ("valid", "test")) if n is not None]
+        self.max_candidates = max([self.n_candidates, *n_eval])
+        self.max_new_tokens = (
+            int(config["generate_max_new_tokens"]) if item_repr == "mrc" else int(config["max_item_text_tokens"]) + 1
+        )
+
+        self.register_buffer("header_ids", text_token_ids(tokenizer, config["generate_candidates_text"]), False)
+        self.register_buffer("cue_ids", text_token_ids(tokenizer, config["generate_answer_text"]), False)
+        labels = LABEL_SETS[config["generate_labels"]][: self.max_candidates]
+        if item_repr == "mrc":
+            self.register_buffer("label_ids", self._single_tokens(labels, config["generate_labels"]), False)
+            self.labels = {label.casefold(): i for i, label in enumerate(labels)}
+        separator = text_token_ids(tokenizer, config["generate_separator"])
+        if item_repr == "text" and separator.numel() != 1:
+            raise UsageError(f"generate_separator '{config['generate_separator']}' must be one token of the backbone")
+        self.separator_id = int(separator[0]) if separator.numel() else None
+        self.end_id = next(
+            (t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id, self.separator_id) if t is not None), None
+        )
+
+        self.n_items = dataset.item_num
+        self.generator = torch.Generator().manual_seed(self.seed)
+        sampling = config["generate_train_sampling"] or (config["test_neg_sample_args"] or {}).get("distribution")
+        self.train_weights = None
+        if sampling == "popularity":
+            counts = torch.bincount(dataset.inter_feat[dataset.iid_field], minlength=dataset.item_num).double()
+            counts[0] = 0
+            self.train_weights = counts
+        self.generated_tokens = 0
+        getLogger().info(
+            f"generative mode: {self.n_candidates} candidates per training prompt "
+            f"({'popularity' if self.train_weights is not None else 'uniform'} negatives), {self.decoder} decoder"
+        )
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, config) -> None:
+        for key, allowed in (
+            ("generate_decoder", DECODERS),
+            ("generate_labels", tuple(LABEL_SETS)),
+            ("generate_title_score", TITLE_SCORES),
+        ):
+            if config[key] not in allowed:
+                raise UsageError(f"{key} must be one of {allowed}, not '{config[key]}'")
+        sampling = config["generate_train_sampling"]
+        if sampling is not None and sampling not in SAMPLINGS:
+            raise UsageError(f"generate_train_sampling must be one of {SAMPLINGS} or ~, not '{sampling}'")
+        if config["train_all_positions"]:
+            raise UsageError("predict_mode: generate trains one answer per row: set train_all_positions: False")
+        if self.n_candidates < 2:
+            raise UsageError(f"generate_candidates must be at least 2, not {self.n_candidates}")
+        for phase in ("valid", "test"):
+            n = candidate_count(config, phase)
+            if n is None:
+                continue
+            if n > config["eval_batch_size"]:
+                raise UsageError(
+                    f"predict_mode: generate needs each user's {n} candidates in one batch: "
+                    f"set eval_batch_size >= {n} (now {config['eval_batch_size']})"
+                )
+            if n != self.n_candidates:
+                getLogger().warning(
+                    f"{phase} lists {n} candidates but training prompts list generate_candidates={self.n_candidates}"
+                )
+
+    def _single_tokens(self, labels: list[str], name: str) -> torch.Tensor:
+        ids = [self.tokenizer(f" {label}", add_special_tokens=False)["input_ids"] for label in labels]
+        if len(labels) < self.max_candidates:
+            raise UsageError(
+                f"generate_labels: {name} has {len(labels)} labels but the protocol lists {self.max_candidates} "
+                "candidates: use fewer candidates or generate_labels: numbers"
+            )
+        if any(len(i) != 1 for i in ids) or len({i[0] for i in ids}) != len(ids):
+            raise UsageError(f"generate_labels: {name} are not single, distinct tokens of this backbone: use letters")
+        return torch.tensor([i[0] for i in ids], dtype=torch.long)
+
+    # ------------------------------------------------------------------ prompt
+    def _content_lengths(self, model, candidates: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
+        if self.item_repr == "mrc":
+            return torch.full_like(candidates, item_tokens.shape[1])
+        return model.item_text_len[candidates]
+
+    def _lead_ids(self, candidates: torch.Tensor) -> torch.Tensor:
+        """Token before each candidate: its label, or the list separator in text mode."""
+        if self.item_repr == "mrc":
+            return self.label_ids[: candidates.shape[1]].expand_as(candidates)
+        return torch.full_like(candidates, self.separator_id)
+
+    def _section(self, model, candidates, item_tokens, answer_ids, answer_len) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+        """Embeddings of ``header, N candidate blocks, cue, answer`` per row, their lengths, and the cue's end slot."""
+        batch, n = candidates.shape
+        n_header, n_cue = self.header_ids.numel(), self.cue_ids.numel()
+        content = self._content_lengths(model, candidates, item_tokens)
+        blocks = torch.cat(
+            [
+                torch.full((batch, 1), n_header, device=candidates.device),
+                1 + content,
+                torch.full((batch, 1), n_cue, device=candidates.device),
+                answer_len.unsqueeze(1),
+            ],
+            dim=1,
+        )
+        layout = pack_layout(blocks, 0)
+        block, offset = layout.item_index, layout.offset
+        in_candidate = (block >= 1) & (block <= n)
+        item = candidates.gather(1, (block - 1).clamp(0, n - 1))
+        lead = self._lead_ids(candidates).gather(1, (block - 1).clamp(0, n - 1))
+        in_content = in_candidate & (offset >= 1)
+        content_offset = (offset - 1).clamp(min=0)
+
+        ids = torch.zeros_like(block)
+        if n_header:
+            ids = torch.where(block == 0, self.header_ids[offset.clamp(max=n_header - 1)], ids)
+        if n_cue:
+            ids = torch.where(block == n + 1, self.cue_ids[offset.clamp(max=n_cue - 1)], ids)
+        if answer_ids.shape[1]:
+            ids = torch.where(block == n + 2, answer_ids.gather(1, offset.clamp(max=answer_ids.shape[1] - 1)), ids)
+        ids = torch.where(in_candidate & (offset == 0), lead, ids)
+        if self.item_repr == "text":
+            text = model.item_text_ids[item, content_offset.clamp(max=model.item_text_ids.shape[1] - 1)]
+            ids = torch.where(in_content, text, ids)
+        embeds = model.llm.get_input_embeddings()(ids).float()
+        if self.item_repr == "mrc":
+            soft = item_tokens[item, content_offset.clamp(max=item_tokens.shape[1] - 1)]
+            embeds = torch.where(in_content.unsqueeze(-1), soft, embeds)
+        return embeds, layout.last + 1, layout.item_end[:, n + 1]
+
+    def _prompt(self, model, item_seq, item_seq_len, timestamps, item_tokens, candidates, answer_ids=None,
+                answer_len=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole prompt after the prefix: ``(embeds, lengths, history readout slot, cue end slot)``."""
+        history, layout = model._prompt_embeddings(item_seq, item_seq_len, timestamps, item_tokens)
+        if answer_ids is None:
+            answer_ids = torch.zeros(len(candidates), 0, dtype=torch.long, device=candidates.device)
+            answer_len = torch.zeros(len(candidates), dtype=torch.long, device=candidates.device)
+        section, section_len, cue_end = self._section(model, candidates, item_tokens, answer_ids, answer_len)
+        history_len = layout.last + 1
+        lengths = history_len + section_len
+        slots = torch.arange(int(lengths.max()), device=candidates.device).unsqueeze(0)
+        in_history = slots < history_len.unsqueeze(1)
+        d = history.shape[-1]
+        from_history = history.gather(1, slots.clamp(max=history.shape[1] - 1).expand(len(lengths), -1)
+                                      .unsqueeze(-1).expand(-1, -1, d))
+        section_slot = (slots - history_len.unsqueeze(1)).clamp(0, section.shape[1] - 1)
+        from_section = section.gather(1, section_slot.unsqueeze(-1).expand(-1, -1, d))
+        embeds = torch.where(in_history.unsqueeze(-1), from_history, from_section)
+        model.prompt_token_stats["tokens"] += int((section_len - answer_len).sum())
+        return embeds, lengths, layout.last, history_len + cue_end
+
+    # ------------------------------------------------------------------ answers
+    def _answer_tokens(self, model, items: torch.Tensor, listed_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The answer naming ``items``, as token ids ``[B, T]`` and lengths: its label, or its text + end token."""
+        if self.item_repr == "mrc":
+            return self.label_ids[listed_at].unsqueeze(1), torch.ones_like(items)
+        length = model.item_text_len[items]
+        ids = torch.cat([model.item_text_ids[items, : int(length.max())], torch.zeros_like(items).unsqueeze(1)], dim=1)
+        ids = ids.scatter(1, length.unsqueeze(1), torch.full_like(length.unsqueeze(1), self.end_id))
+        return ids, length + 1
+
+    def _lm_logits(self, model, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """LM-head logits of ``hidden [..., d]``, for ``token_ids`` only when given (the tied head's rows)."""
+        head = model.llm.get_output_embeddings()
+        weight = head.weight if token_ids is None else head.weight[token_ids]
+        bias = getattr(head, "bias", None)
+        if bias is not None and token_ids is not None:
+            bias = bias[token_ids]
+        return F.linear(hidden.to(weight.dtype), weight, bias).float()
+
+    # ------------------------------------------------------------------ training
+    def _draw_items(self, count: int) -> torch.Tensor:
+        if self.train_weights is not None:
+            return torch.multinomial(self.train_weights, count, replacement=True, generator=self.generator)
+        return torch.randint(1, self.n_items, (count,), generator=self.generator)
+
+    def _training_candidates(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """True item + N-1 negatives per row, in a shuffled order; returns them and the true item's slot."""
+        batch, n, target = len(targets), self.n_candidates, targets.cpu()
+        negatives = self._draw_items(batch * (n - 1)).view(batch, n - 1)
+        clash = negatives == target.unsqueeze(1)
+        while clash.any():
+            negatives[clash] = self._draw_items(int(clash.sum()))
+            clash = negatives == target.unsqueeze(1)
+        candidates = torch.cat([target.unsqueeze(1), negatives], dim=1)
+        order = torch.rand(batch, n, generator=self.generator).argsort(dim=1)
+        listed_at = (order == 0).long().argmax(dim=1)
+        return candidates.gather(1, order).to(targets.device), listed_at.to(targets.device)
+
+    def loss(self, model, interaction) -> torch.Tensor:
+        """LM loss on the answer naming the true item among N candidates (+ the weighted score-mode loss)."""
+        item_seq, item_seq_len, timestamps = model._inputs(interaction)
+        targets = interaction[model.POS_ITEM_ID]
+        candidates, listed_at = self._training_candidates(targets)
+        item_tokens = model.item_tokens()
+        answer, answer_len = self._answer_tokens(model, targets, listed_at)
+        teacher = answer[:, :-1] if answer.shape[1] > 1 else answer[:, :0]
+        embeds, _, history_end, cue_end = self._prompt(
+            model, item_seq, item_seq_len, timestamps, item_tokens, candidates, teacher, answer_len - 1
+        )
+        hidden = model._run_backbone(embeds)
+        steps = torch.arange(answer.shape[1], device=answer.device)
+        slots = (cue_end.unsqueeze(1) + steps).clamp(max=hidden.shape[1] - 1)
+        read = hidden.gather(1, slots.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        real = steps < answer_len.unsqueeze(1)
+        loss = F.cross_entropy(self._lm_logits(model, read[real]), answer[real])
+        if self.score_loss_weight:
+            batch = torch.arange(len(targets), device=targets.device)
+            users = model._user_vectors(hidden[batch, history_end])
+            logits = users @ model._item_vectors(item_tokens).T
+            logits = logits.masked_fill(torch.arange(model.n_items, device=logits.device) == 0, float("-inf"))
+            loss = loss + self.score_loss_weight * model.loss_fct(logits, targets)
+        return loss
+
+    # ------------------------------------------------------------------ decoding
+    def _prompt_forward(self, model, embeds: torch.Tensor, lengths: torch.Tensor) -> _Decoding:
+        """Run right-padded prompts with their padding masked, keeping the cache to continue from each one's end."""
+        batch, n_slots = embeds.shape[:2]
+        n_prefix = model.prefix_ids.numel()
+        cache = DynamicCache(config=model.llm.config)
+        offset = n_prefix
+        if n_prefix and model.prefix_cache:
+            for layer, (keys, values) in enumerate(model._prefix_key_values()):
+                cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
+            offset = 0
+        elif n_prefix:
+            prefix = model.llm.get_input_embeddings()(model.prefix_ids).float().expand(batch, -1, -1)
+            embeds = torch.cat([prefix, embeds], dim=1)
+        real = torch.arange(n_slots, device=embeds.device) < lengths.unsqueeze(1)
+        mask = torch.cat([torch.ones(batch, n_prefix, dtype=torch.long, device=embeds.device), real.long()], dim=1)
+        with model._autocast():  # the precision of the cached prefix and of every other backbone call
+            out = model.llm.get_decoder()(
+                inputs_embeds=embeds.to(model.backbone_dtype), attention_mask=mask, cache=cache, use_cache=True
+            )
+        last = out.last_hidden_state[torch.arange(batch, device=embeds.device), offset + lengths - 1]
+        return _Decoding(cache, mask, n_prefix + lengths, last.float())
+
+    def _continue(self, model, state: _Decoding, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``token_ids [B, T]`` after each prompt's end; returns their hidden states ``[B, T, d]``."""
+        steps = torch.arange(token_ids.shape[1], device=token_ids.device)
+        state.mask = torch.cat([state.mask, torch.ones_like(token_ids)], dim=1)
+        with model._autocast():
+            out = model.llm.get_decoder()(
+                inputs_embeds=model.llm.get_input_embeddings()(token_ids),
+                attention_mask=state.mask,
+                position_ids=state.next_position.unsqueeze(1) + steps,
+                cache=state.cache,
+                use_cache=True,
+            )
+        state.next_position = state.next_position + token_ids.shape[1]
+        return out.last_hidden_state.float()
+
+    def _greedy(self, model, state: _Decoding, first: torch.Tensor) -> list[list[int]]:
+        """Greedy continuation from ``first`` tokens; each row stops at the end token or the list separator."""
+        stops = torch.tensor([t for t in (self.end_id, self.separator_id) if t is not None], device=first.device)
+        tokens, done = [first], torch.isin(first, stops)
+        for _ in range(1, self.max_new_tokens):
+            if bool(done.all()):
+                break
+            hidden = self._continue(model, state, tokens[-1].unsqueeze(1))
+            step = self._lm_logits(model, hidden[:, -1]).argmax(dim=-1)
+            tokens.append(step)
+            done = done | torch.isin(step, stops)
+        rows = torch.stack(tokens, dim=1).tolist()
+        answers = []
+        for row in rows:
+            end = next((i for i, t in enumerate(row) if t in stops.tolist()), None)
+            self.generated_tokens += len(row) if end is None else end + 1
+            answers.append(row if end is None else row[:end])
+        return answers
+
+    def _parse(self, model, answers: list[list[int]], candidates: torch.Tensor) -> torch.Tensor:
+        """Listing slot each free answer names, or -1 when it names none."""
+        choice = []
+        for row, listed in zip(answers, candidates.tolist(), strict=True):
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            if self.item_repr == "mrc":
+                word = re.match(r"\W*(\w+)", text)
+                slot = self.labels.get(word.group(1).casefold(), -1) if word else -1
+                choice.append(slot if slot < len(listed) else -1)
+            else:
+                titles = [normalise_answer(self._title(model, item)) for item in listed]
+                answer = normalise_answer(text)
+                choice.append(titles.index(answer) if answer and answer in titles else -1)
+        return torch.tensor(choice, device=candidates.device)
+
+    def _title(self, model, item: int) -> str:
+        return self.tokenizer.decode(model.item_text_ids[item, : model.item_text_len[item]], skip_special_tokens=True)
+
+    def _title_scores(self, model, state: _Decoding, candidates: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """Text mode, constrained: each candidate's answer (title + end) log-likelihood, one user at a time."""
+        batch, n = candidates.shape
+        scores = torch.empty(batch, n, device=candidates.device)
+        for row in range(batch):
+            answer, length = self._answer_tokens(model, candidates[row], torch.zeros_like(candidates[row]))
+            logprob = first[row, answer[:, 0]]
+            per_token = logprob.unsqueeze(1).expand(-1, answer.shape[1]).clone()
+            if answer.shape[1] > 1:
+                user = _Decoding(DynamicCache(config=model.llm.config), state.mask[row : row + 1].expand(n, -1),
+                                 state.next_position[row : row + 1].expand(n), state.last[row : row + 1])
+                for layer, cached in enumerate(state.cache.layers):
+                    user.cache.update(cached.keys[row : row + 1].expand(n, -1, -1, -1),
+                                      cached.values[row : row + 1].expand(n, -1, -1, -1), layer)
+                hidden = self._continue(model, user, answer[:, :-1])
+                later = torch.arange(1, answer.shape[1], device=answer.device) < length.unsqueeze(1)
+                following = self._lm_logits(model, hidden[later]).log_softmax(dim=-1)
+                per_token[:, 1:][later] = following.gather(1, answer[:, 1:][later].unsqueeze(1)).squeeze(1)
+            real = torch.arange(answer.shape[1], device=answer.device) < length.unsqueeze(1)
+            total = (per_token * real).sum(dim=1)
+            scores[row] = total / length if self.title_score == "mean" else total
+        return scores
+
+    def _first_answer_ids(self, model, candidates: torch.Tensor) -> torch.Tensor:
+        """First answer token of each candidate: its label, or the first token of its text."""
+        if self.item_repr == "mrc":
+            return self.label_ids[: candidates.shape[1]].expand_as(candidates)
+        return model.item_text_ids[candidates, 0]
+
+    def answer_scores(self, model, item_seq, item_seq_len, timestamps, candidates: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, N]`` of the listed candidates (listing order): see the module docstring."""
+        item_tokens = model.item_tokens()
+        embeds, lengths, _, cue_end = self._prompt(model, item_seq, item_seq_len, timestamps, item_tokens, candidates)
+        if self.item_repr == "mrc" and self.decoder == "constrained":
+            hidden = model._run_backbone(embeds)
+            last = hidden[torch.arange(len(candidates), device=candidates.device), cue_end]
+            return self._lm_logits(model, last, self.label_ids[: candidates.shape[1]]).log_softmax(dim=-1)
+        state = self._prompt_forward(model, embeds, lengths)
+        first = self._lm_logits(model, state.last).log_softmax(dim=-1)
+        if self.decoder == "constrained":
+            return self._title_scores(model, state, candidates, first)
+        scores = first.gather(1, self._first_answer_ids(model, candidates))
+        choice = self._parse(model, self._greedy(model, state, first.argmax(dim=-1)), candidates)
+        rows = torch.arange(len(candidates), device=candidates.device)
+        scores[rows[choice >= 0], choice[choice >= 0]] = 1.0
+        scores[choice < 0] = float("-inf")
+        return scores
+
+    # ------------------------------------------------------------------ RecBole API
+    def predict(self, model, interaction) -> torch.Tensor:
+        """One score per (user, candidate) row; each user's rows are its candidate list."""
+        item_seq, item_seq_len, timestamps = model._inputs(interaction)
+        items = interaction[model.ITEM_ID]
+        users = interaction[model.USER_ID] if model.USER_ID in interaction else torch.zeros_like(items)
+        groups = history_groups(users, item_seq, item_seq_len)
+        sizes = torch.bincount(groups)
+        n = int(sizes[0])
+        if bool((sizes != n).any()) or n > self.max_candidates:
+            raise UsageError(
+                "predict_mode: generate needs every user's candidates in one predict batch, as many per user "
+                f"as the protocol lists (got {sizes.unique().tolist()}): check eval_batch_size and eval_args.mode"
+            )
+        rows = torch.argsort(groups, stable=True).view(-1, n)
+        rows = rows.gather(1, listing_order(users[rows[:, 0]], n, self.seed))
+        head = rows[:, 0]
+        stamps = timestamps[head] if timestamps is not None else None
+        scores = self.answer_scores(model, item_seq[head], item_seq_len[head], stamps, items[rows])
+        out = torch.empty(len(items), device=scores.device)
+        out[rows.flatten()] = scores.flatten()
+        return out
+
+    def full_sort_predict(self, model, interaction) -> torch.Tensor:
+        """Full ranking: the score-mode head lists its top-N items, the LLM answers among them; -inf elsewhere."""
+        item_seq, item_seq_len, timestamps = model._inputs(interaction)
+        item_tokens = model.item_tokens()
+        retrieval = model.forward(item_seq, item_seq_len, timestamps, item_tokens) @ model._item_vectors(item_tokens).T
+        retrieval[:, 0] = float("-inf")
+        n = min(self.n_candidates, model.n_items - 1)
+        candidates = retrieval.topk(n, dim=1).indices
+        users = interaction[model.USER_ID] if model.USER_ID in interaction else torch.zeros_like(item_seq_len)
+        candidates = candidates.gather(1, listing_order(users, n, self.seed))
+        scores = self.answer_scores(model, item_seq, item_seq_len, timestamps, candidates)
+        return torch.full_like(retrieval, float("-inf")).scatter(1, candidates, scores)

@@ -1,0 +1,193 @@
+"""The evaluation protocol around RecBole's trainer: seeded candidate lists, protocol tags, cost, full ranking.
+
+RecBole's sampled modes (``eval_args.mode: uni19`` / ``pop19``: the true item plus 19 uniform or popularity
+negatives) draw the negatives from the global numpy RNG while a batch is collated, so which candidates a user
+gets depends on everything that consumed that RNG before (epochs run, validations, the model's own init). With
+``eval_candidates: seeded`` each user's negatives come from an RNG seeded by ``(seed, phase, user)`` and nothing
+else: every model, epoch and batch size sees the same 20 candidates per user, and the global RNG is untouched.
+``eval_candidates: recbole`` keeps RecBole's own draws (what ``run_recbole`` would do).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
+from recbole.utils import set_color
+
+from recbole_speeder.errors import UsageError
+
+CANDIDATE_SEEDING = ("seeded", "recbole")
+PHASE_IDS = {"train": 0, "valid": 1, "test": 2}
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+class SeededCandidateSampler:
+    """RecBole's sampler, drawing each call's negatives from an RNG seeded by (seed, phase, the call's users).
+
+    RecBole's ``NegSampleEvalDataLoader`` samples once per user, so a user's candidates depend only on that
+    key. The global numpy state is saved and restored around every draw.
+    """
+
+    def __init__(self, sampler, seed: int):
+        self.sampler = sampler
+        self.seed = int(seed)
+
+    def sample_by_user_ids(self, user_ids, item_ids, num):
+        key = np.concatenate([[self.seed, PHASE_IDS.get(self.sampler.phase, 3)], np.asarray(user_ids, dtype=np.int64)])
+        state = np.random.get_state()
+        np.random.seed((key % 2**32).astype(np.uint32))
+        try:
+            return self.sampler.sample_by_user_ids(user_ids, item_ids, num)
+        finally:
+            np.random.set_state(state)
+
+    def __getattr__(self, name: str):
+        return getattr(self.sampler, name)
+
+
+def is_sampled(loader) -> bool:
+    """True for RecBole's candidate-list loaders (``uniN`` / ``popN``), False for full ranking."""
+    if not isinstance(loader, NegSampleEvalDataLoader):
+        return False
+    args = loader.neg_sample_args
+    return args["distribution"] != "none" and args["sample_num"] != "none"
+
+
+def seed_eval_candidates(config, *loaders) -> None:
+    """Make the sampled evaluation loaders draw per-user seeded candidates (``eval_candidates: seeded``)."""
+    seeding = config["eval_candidates"] or "seeded"
+    if seeding not in CANDIDATE_SEEDING:
+        raise UsageError(f"eval_candidates must be one of {CANDIDATE_SEEDING}, not '{seeding}'")
+    if seeding == "recbole":
+        return
+    for loader in loaders:
+        if is_sampled(loader) and not isinstance(loader._sampler, SeededCandidateSampler):
+            loader._sampler = SeededCandidateSampler(loader._sampler, config["seed"])
+
+
+def candidate_count(config, phase: str = "test") -> int | None:
+    """Candidates per user in ``phase`` (true item + sampled negatives), None for full ranking."""
+    args = config[f"{phase}_neg_sample_args"] or {}
+    if args.get("distribution") in (None, "none") or args.get("sample_num") in (None, "none"):
+        return None
+    return int(args["sample_num"]) + 1
+
+
+# ---------------------------------------------------------------------------------------------- protocol text
+def describe_protocol(config, phase: str = "test", full: bool = False) -> str:
+    """One line naming the candidates (N, sampler, seeding) and how the model answers (score or decoder)."""
+    n = None if full else candidate_count(config, phase)
+    mode = config["predict_mode"] or "score"
+    if n is None:
+        candidates = "full ranking of all items"
+        if mode == "generate":
+            candidates += f" (the score head's top {config['generate_candidates']} are listed to the LLM)"
+    else:
+        args = config[f"{phase}_neg_sample_args"]
+        seeding = config["eval_candidates"] or "seeded"
+        candidates = (
+            f"{config['eval_args']['mode'][phase]}: {n} candidates = true item + {n - 1} {args['distribution']} "
+            f"negatives ({seeding} draws, seed {config['seed']})"
+        )
+    answer = f"generate, {config['generate_decoder']} decoder" if mode == "generate" else "score"
+    if config["item_repr"]:
+        answer += f", item_repr {config['item_repr']}"
+    return f"{candidates}; answers: {answer}"
+
+
+class ProtocolTag(logging.Filter):
+    """Writes the protocol next to every result line RecBole's trainer and the run script log."""
+
+    PHRASES = (("valid result", "valid"), ("best valid", "valid"), ("test result", "test"))
+
+    def __init__(self, config):
+        super().__init__()
+        self.tags = {phase: describe_protocol(config, phase) for phase in ("valid", "test")}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "[protocol:" not in record.msg:
+            for phrase, phase in self.PHRASES:
+                if phrase in record.msg:
+                    record.msg = record.msg.replace(phrase, f"{phrase} [protocol: {self.tags[phase]}]", 1)
+                    break
+        return True
+
+
+def tag_results_with_protocol(config) -> None:
+    """Install :class:`ProtocolTag` on the root logger (the one RecBole logs to), replacing an earlier one."""
+    logger = logging.getLogger()
+    for old in [f for f in logger.filters if isinstance(f, ProtocolTag)]:
+        logger.removeFilter(old)
+    logger.addFilter(ProtocolTag(config))
+
+
+# ---------------------------------------------------------------------------------------------- cost and test
+@dataclass
+class InferenceCost:
+    """What one evaluation pass cost, totals and per evaluated user."""
+
+    users: int
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+    counts_tokens: bool = True  # False for models without a prompt (SASRec, BERT4Rec)
+
+    def per_user(self) -> dict[str, float | None]:
+        """Means per evaluated user; token counts are None for models without a prompt."""
+        n = max(self.users, 1)
+        return {
+            "prompt_tokens": self.prompt_tokens / n if self.counts_tokens else None,
+            "generated_tokens": self.generated_tokens / n if self.counts_tokens else None,
+            "seconds": self.seconds / n,
+        }
+
+    def __str__(self) -> str:
+        per = self.per_user()
+        tokens = (
+            f"{per['prompt_tokens']:.1f} prompt tokens, {per['generated_tokens']:.1f} generated tokens, "
+            if self.counts_tokens
+            else ""
+        )
+        return f"{tokens}{per['seconds']:.4f} s per user ({self.users} users, {self.seconds:.1f} s)"
+
+
+def _token_counters(model) -> tuple[int, int]:
+    """(prompt tokens, generated tokens) counted so far by an LLM recommender; zeros for other models."""
+    prompt = getattr(model, "prompt_token_stats", {}).get("tokens", 0)
+    generated = getattr(getattr(model, "generative", None), "generated_tokens", 0)
+    return int(prompt), int(generated)
+
+
+def measured_evaluate(trainer, eval_data, **kwargs) -> tuple[dict, InferenceCost]:
+    """``trainer.evaluate`` plus its wall-clock time and the tokens the model read and wrote."""
+    prompt0, generated0 = _token_counters(trainer.model)
+    start = time.perf_counter()
+    result = trainer.evaluate(eval_data, **kwargs)
+    seconds = time.perf_counter() - start
+    prompt1, generated1 = _token_counters(trainer.model)
+    counts = hasattr(trainer.model, "prompt_token_stats")
+    return result, InferenceCost(eval_data.sample_size, prompt1 - prompt0, generated1 - generated0, seconds, counts)
+
+
+def evaluate_test(trainer, config, test_data, load_best_model: bool, show_progress: bool) -> dict:
+    """Test on the configured protocol; with a sampled mode and ``eval_full_beside``, on the full ranking too.
+
+    Returns ``test_result`` (and ``test_result_full``), each logged with its protocol and per-user cost.
+    """
+    logger = logging.getLogger()
+    result, cost = measured_evaluate(trainer, test_data, load_best_model=load_best_model, show_progress=show_progress)
+    logger.info(set_color("inference cost", "blue") + f" [{describe_protocol(config)}]: {cost}")
+    out = {"test_result": result, "test_cost": cost.per_user(), "eval_protocol": describe_protocol(config)}
+    if is_sampled(test_data) and config["eval_full_beside"]:
+        sampler = test_data._sampler
+        full_data = FullSortEvalDataLoader(config, test_data._dataset, getattr(sampler, "sampler", sampler))
+        full, full_cost = measured_evaluate(trainer, full_data, load_best_model=False, show_progress=show_progress)
+        protocol = describe_protocol(config, full=True)
+        logger.info(set_color("inference cost", "blue") + f" [{protocol}]: {full_cost}")
+        logger.info(set_color("test result (beside)", "yellow") + f" [protocol: {protocol}]: {full}")
+        out.update(test_result_full=full, test_cost_full=full_cost.per_user(), eval_protocol_full=protocol)
+    return out

@@ -1,0 +1,101 @@
+"""``--nproc`` / ``--world_size`` runs: process group setup and the few collectives the trainer needs.
+
+RecBole 1.2.1's ``Config._init_device`` hard-codes the NCCL backend, puts every rank on ``cuda:<local_rank>``
+and asserts one listed GPU per process, so a CPU run (or one GPU per node-local rank on gloo) cannot start.
+``init_distributed_device`` replaces that branch: ``dist_backend`` picks the backend (~ = nccl when ranks get
+GPUs, gloo otherwise). Every helper here is a no-op without a process group, so a plain run never calls
+``barrier()`` or any other collective.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from recbole_speeder.errors import UsageError
+
+BACKENDS = ("gloo", "nccl")
+
+
+def init_distributed_device(config_dict: dict) -> None:
+    """RecBole's distributed ``_init_device``, with a configurable backend and CPU ranks."""
+    gpu_id = config_dict.get("gpu_id")
+    gpu_id = ",".join(map(str, gpu_id)) if isinstance(gpu_id, tuple | list) else str(gpu_id or "")
+    config_dict["gpu_id"] = gpu_id
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+    local_rank, nproc = int(config_dict["local_rank"]), int(config_dict.get("nproc") or 1)
+    use_cuda = bool(config_dict.get("use_gpu")) and bool(gpu_id) and torch.cuda.is_available()
+    backend = config_dict.get("dist_backend") or ("nccl" if use_cuda else "gloo")
+    if backend not in BACKENDS:
+        raise UsageError(f"dist_backend must be one of {BACKENDS}, not '{backend}'")
+    if backend == "nccl" and not use_cuda:
+        raise UsageError("dist_backend=nccl needs GPUs (use_gpu and a gpu_id); use gloo on CPU")
+    if use_cuda and len(gpu_id.split(",")) < nproc:
+        raise UsageError(f"nproc={nproc} needs {nproc} GPUs in gpu_id, got '{gpu_id}'")
+    dist.init_process_group(
+        backend=backend,
+        rank=local_rank + int(config_dict.get("offset") or 0),
+        world_size=int(config_dict["world_size"]),
+        init_method=f"tcp://{config_dict.get('ip') or 'localhost'}:{config_dict.get('port') or 5678}",
+    )
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    config_dict["device"] = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    config_dict["single_spec"] = False
+    if local_rank != 0:
+        config_dict["state"] = "error"
+        config_dict["show_progress"] = False
+        config_dict["verbose"] = False
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """Global rank 0 (or no process group): the only process that writes files."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any, so all ranks take the same branch."""
+    if not is_distributed():
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank, once: per-rank seeds make randomly built parts differ."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)

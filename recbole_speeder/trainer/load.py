@@ -1,0 +1,37 @@
+"""Rebuild config, data and model from a Speeder checkpoint, like RecBole's ``load_data_and_model``."""
+
+from __future__ import annotations
+
+import os
+from logging import getLogger
+
+from recbole.data import data_preparation
+from recbole.utils import init_logger, init_seed
+
+from recbole_speeder.trainer.checkpoint import read_checkpoint
+from recbole_speeder.trainer.weights import load_trainable
+
+
+def load_speeder(checkpoint: str | os.PathLike, config_dict: dict | None = None):
+    """``(config, model, dataset, train_data, valid_data, test_data)`` for a best or resume checkpoint.
+
+    The checkpoint stores the run's own config values (not the frozen backbone): the backbone is loaded from
+    ``backbone_path`` again and the trained parameters are copied in. ``config_dict`` overrides values, e.g.
+    ``data_path`` when the data moved. The model is in eval mode with the checkpoint's active modalities.
+    """
+    from recbole_speeder.config import Config
+    from recbole_speeder.utils import create_dataset, get_model
+
+    tensors, state = read_checkpoint(checkpoint)
+    config = Config(state["model"], state["dataset"], config_dict={**state["config"], **(config_dict or {})})
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    getLogger().info(config)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    load_trainable(model, tensors, str(checkpoint))
+    model.set_modalities(state["modalities"])
+    model.eval()
+    return config, model, dataset, train_data, valid_data, test_data
