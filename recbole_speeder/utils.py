@@ -20,7 +20,7 @@ def get_model(model_name: str) -> type:
         return getattr(plugin_models, model_name)
     try:
         return recbole_get_model(model_name)
-    except ValueError:
+    except (ValueError, ModuleNotFoundError):  # RecBole's search ends importing lightgbm/xgboost models
         raise UsageError(
             f"unknown model '{model_name}': use Speeder or a RecBole model name (e.g. SASRec, BERT4Rec)"
         ) from None
@@ -44,7 +44,7 @@ def ensure_atomic_files(config) -> None:
         from dataset_prep import DatasetPrepError, ensure_dataset
 
         try:
-            ensure_dataset(name, str(data_dir.parent), offline=bool(config["offline"]))
+            ensure_dataset(name, data_dir.parent, raw_dir=config["raw_dir"], offline=bool(config["offline"]))
         except DatasetPrepError as err:
             raise UsageError(str(err)) from None
         return
@@ -56,7 +56,7 @@ def ensure_atomic_files(config) -> None:
 def create_dataset(config):
     """The plugin's ``<Model>Dataset`` when there is one, else RecBole's choice."""
     ensure_atomic_files(config)
-    plugin_datasets = importlib.import_module("recbole_speeder.data")
+    plugin_datasets = importlib.import_module("recbole_speeder.data.dataset")
     dataset_class = getattr(plugin_datasets, f"{config['model']}Dataset", None)
     if dataset_class is None:
         return recbole_create_dataset(config)

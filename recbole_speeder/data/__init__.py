@@ -1,3 +1,1 @@
-from recbole_speeder.data.dataset import SpeederDataset
-
-__all__ = ["SpeederDataset"]
+"""RecBole-side data: the Speeder dataset, item feature files and item text."""

