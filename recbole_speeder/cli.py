@@ -7,6 +7,8 @@ import sys
 from logging import getLogger
 
 from recbole_speeder.errors import UsageError
+from recbole_speeder.experiments.commands import add_arguments, run_experiment, wants_experiment
+from recbole_speeder.trainer import NonFiniteLossError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ip", default="localhost", help="master address")
     parser.add_argument("--port", default="5678", help="master port")
     parser.add_argument("--group_offset", type=int, default=0, help="global rank of this node's first process")
+    add_arguments(parser)  # --compare, --tune and their options
     return parser
 
 
@@ -37,9 +40,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, overrides = parse_args(argv)
+        config_files = args.config_files.split() if args.config_files else None
+        if wants_experiment(args):
+            return run_experiment(args, config_files, overrides)
         from recbole_speeder.quick_start import run
 
-        config_files = args.config_files.split() if args.config_files else None
         return run(
             args.model,
             args.dataset,
@@ -55,3 +60,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         getLogger().debug("usage error", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteLossError as err:  # the message names the stage, step and the last good checkpoint
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,6 @@
+"""What users run after a first training: ``--compare`` (models side by side) and ``--tune`` (sweeps).
+
+``commands`` adds the flags to the run script and dispatches; ``runner`` trains and tests one isolated model;
+``compare`` and ``report`` build the comparison tables and chart; ``search_space``, ``tune``, ``ray_sweep`` and
+``hyperopt_sweep`` run hyper-parameter sweeps. See docs/experiments.md.
+"""

@@ -1,0 +1,71 @@
+"""The run script's ``--compare`` and ``--tune`` flags, and the dispatch to them (imports stay lazy: Ray and
+matplotlib load only when asked for)."""
+
+from __future__ import annotations
+
+import argparse
+
+from recbole_speeder.errors import UsageError
+
+TUNE_TOOLS = ("ray", "hyperopt")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("experiments (docs/experiments.md)")
+    group.add_argument("--compare", default=None,
+                       help="models to compare on --dataset, e.g. 'Speeder,Speeder[text],SASRec,BERT4Rec'")
+    group.add_argument("--sampled_eval", default="uni19",
+                       help="--compare: second test protocol beside full ranking (uniN or popN), or none")
+    group.add_argument("--results_dir", default="results", help="where --compare and --tune write their reports")
+    group.add_argument("--tune", default=None,
+                       help="search space of a sweep of --model: a .hyper file (RecBole's params format)")
+    group.add_argument("--tune_tool", default="ray", choices=TUNE_TOOLS,
+                       help="ray: Ray Tune with ASHA on the valid metric; hyperopt: RecBole's HyperTuning")
+    group.add_argument("--tune_search", default=None,
+                       help="ray: random (default) or grid; hyperopt: grid (default: RecBole's exhaustive), "
+                            "random or bayes")
+    group.add_argument("--tune_samples", type=int, default=None,
+                       help="trials of a random/bayes search (default 8); grid: runs of each grid point (default 1), "
+                            "each drawing the non-choice lines anew")
+    group.add_argument("--tune_cpus", type=float, default=1, help="ray: CPUs per trial")
+    group.add_argument("--tune_gpus", type=float, default=None,
+                       help="ray: GPUs per trial (fractions share a GPU); default 1 if this machine has CUDA, else 0")
+    group.add_argument("--ray_address", default=None,
+                       help="ray: join a running cluster ('auto' or host:port) instead of starting a local one")
+    group.add_argument("--tune_grace_period", type=int, default=1,
+                       help="ray: epochs every trial runs before ASHA may stop it")
+    group.add_argument("--tune_reduction_factor", type=float, default=2,
+                       help="ray: ASHA keeps 1/reduction_factor of the trials at each rung")
+
+
+def wants_experiment(args: argparse.Namespace) -> bool:
+    return bool(args.compare or args.tune)
+
+
+def run_experiment(args: argparse.Namespace, config_files: list[str] | None, overrides: list[str]) -> dict:
+    """Run ``--compare`` or ``--tune``; returns where the reports are (and, for a sweep, the best trial)."""
+    if args.compare and args.tune:
+        raise UsageError("--compare and --tune are separate runs: give one of them")
+    if args.nproc != 1 or args.world_size > 0:
+        raise UsageError("--compare and --tune run one process per model or trial: drop --nproc / --world_size")
+    if args.compare:
+        from recbole_speeder.experiments.compare import run_compare
+        from recbole_speeder.experiments.variants import parse_compare
+
+        out = run_compare(parse_compare(args.compare), args.dataset, config_files, overrides,
+                          results_dir=args.results_dir, sampled_mode=args.sampled_eval)
+        return {"results_dir": str(out)}
+    from recbole_speeder.experiments.tune import SweepOptions, run_sweep
+
+    options = SweepOptions(
+        tool=args.tune_tool,
+        search=args.tune_search,
+        samples=args.tune_samples,
+        cpus=args.tune_cpus,
+        gpus=args.tune_gpus,
+        ray_address=args.ray_address,
+        grace_period=args.tune_grace_period,
+        reduction_factor=args.tune_reduction_factor,
+        results_dir=args.results_dir,
+    )
+    return run_sweep(args.model, args.dataset, args.tune, config_files, overrides, options)

@@ -1,0 +1,118 @@
+"""``--compare``: several models on one dataset, one split, one seed and one evaluation protocol.
+
+Each model (or variant, see ``variants.py``) is trained in turn by :func:`runner.train_and_test` with fresh seeds
+and log handlers, validated on the configured valid protocol, and its best checkpoint tested twice: full ranking
+and a sampled candidate list (``uni19`` by default). The reports in ``<results_dir>/<dataset>/<timestamp>/`` are
+rewritten after every model, so an interrupted comparison keeps what finished; a model that fails becomes a
+row with its error and the others still run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from recbole_speeder.errors import UsageError
+from recbole_speeder.experiments import report
+from recbole_speeder.experiments.runner import check_sampled_mode, train_and_test
+from recbole_speeder.experiments.values import parse_value
+from recbole_speeder.experiments.variants import Variant
+
+logger = logging.getLogger(__name__)
+
+
+def new_run_dir(results_dir: str | Path, dataset: str, prefix: str = "") -> Path:
+    """``<results_dir>/<dataset>/<prefix><YYYYmmdd-HHMMSS>``, suffixed ``-2``, ``-3`` ... if that exists already."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(results_dir) / dataset / f"{prefix}{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def override_keys(cmd_args: list[str]) -> dict[str, str]:
+    """``--key=value`` flags as ``{key: value}`` (text, as typed)."""
+    return dict(arg[2:].split("=", 1) for arg in cmd_args)
+
+
+def without_keys(cmd_args: list[str], keys) -> list[str]:
+    """The command-line overrides minus ``keys`` (which something more specific sets)."""
+    keys = set(keys)
+    return [arg for arg in cmd_args if arg[2:].split("=", 1)[0] not in keys]
+
+
+def write_run_config(path: Path, config: dict, dataset: str) -> None:
+    """The run's config as a yaml that ``--config_files`` accepts, with the command that replays it."""
+    header = (
+        f"# Replay: python run_recbole_speeder.py --model={config.get('model')} --dataset={dataset} "
+        f"--config_files={path}\n"
+    )
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def failed_row(variant: Variant, err: BaseException) -> dict:
+    message = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+    return {"label": variant.label, "model": variant.model, "status": "failed", "error": message[:300],
+            "traceback": "".join(traceback.format_exception(err))}
+
+
+def run_compare(
+    variants: list[Variant],
+    dataset: str,
+    config_files: list[str] | None,
+    cmd_args: list[str],
+    results_dir: str | Path = "results",
+    sampled_mode: str | None = "uni19",
+) -> Path:
+    """Train and test every variant; returns the folder holding results.{csv,json,md,png} and configs/."""
+    sampled_mode = check_sampled_mode(sampled_mode)
+    for path in config_files or []:
+        if not Path(path).is_file():
+            raise UsageError(f"config file {path} does not exist")
+    out = new_run_dir(results_dir, dataset)
+    (out / "configs").mkdir()
+    stamp = out.name
+    rows: list[dict] = []
+    meta = {"dataset": dataset, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "sampled_mode": sampled_mode,
+            "config_files": [str(Path(p).resolve()) for p in config_files or []], "overrides": cmd_args}
+    print(f"Comparing {len(variants)} models on {dataset}; reports in {out}", flush=True)
+    for i, variant in enumerate(variants, 1):
+        title = f"compare {i}/{len(variants)}: {variant.label} on {dataset}"
+        print(title, flush=True)
+        config_path = out / "configs" / f"{variant.slug}.yaml"
+        try:
+            result = train_and_test(
+                variant.model,
+                dataset,
+                config_files,
+                dict(variant.overrides),
+                without_keys(cmd_args, variant.overrides),
+                checkpoint_subdir=f"compare-{dataset}-{stamp}/{variant.slug}",
+                sampled_mode=sampled_mode,
+                checked_keys=tuple(variant.overrides),
+                title=title,
+            )
+            row = {"label": variant.label, "status": "ok", "error": "", **result.to_dict()}
+            write_run_config(config_path, result.config, dataset)
+        except KeyboardInterrupt:
+            report.write_compare_reports(out, meta, rows)
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure of one model is its row; the others still run
+            logger.debug("compare: %s failed", variant.label, exc_info=True)
+            row = failed_row(variant, err)
+            shared = {k: parse_value(v) for k, v in override_keys(without_keys(cmd_args, variant.overrides)).items()}
+            write_run_config(config_path, {"model": variant.model, "dataset": dataset, **shared,
+                                           **variant.overrides}, dataset)
+            print(f"  {variant.label} failed: {row['error']}", flush=True)
+        row["config_file"] = str(config_path.relative_to(out))
+        rows.append(row)
+        report.write_compare_reports(out, meta, rows)
+    print(report.summary_line(rows, out), flush=True)
+    return out

@@ -1,0 +1,176 @@
+"""--compare and --tune end to end on a 100-user slice of ml-100k, plus their parsers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import recbole
+import torch
+import yaml
+
+from recbole_speeder.cli import main
+from recbole_speeder.config import Config
+from recbole_speeder.errors import UsageError
+from recbole_speeder.experiments.runner import unknown_keys
+from recbole_speeder.experiments.search_space import parse_space
+from recbole_speeder.experiments.variants import VARIANTS, parse_compare
+from recbole_speeder.resources import properties_dir
+
+# 100 users with 20-23 interactions each; short histories: seconds per model.
+TINY = ["--dataset=ml-100k", "--show_progress=False", "--state=WARNING", "--log_wandb=False",
+        "--user_inter_num_interval=[20,23]", "--MAX_ITEM_LIST_LENGTH=5"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """On the shared 2-core machine OpenMP spin-waiting made a tiny SASRec epoch 20x slower with 2 threads; Ray
+    trials run with one thread (OMP_NUM_THREADS = --tune_cpus), and in-process reruns must match them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def random_text_features(tmp_path_factory) -> Path:
+    """A text feature file for every ml-100k item (random vectors): Speeder runs without encoding titles."""
+    from recbole_speeder.data.features import save_item_features
+
+    item_file = Path(recbole.__file__).parent / "dataset_example" / "ml-100k" / "ml-100k.item"
+    items = pd.read_csv(item_file, sep="\t", usecols=[0]).iloc[:, 0].astype(str).tolist()
+    vectors = np.random.default_rng(0).normal(size=(len(items), 16))
+    folder = tmp_path_factory.mktemp("text_features")
+    return save_item_features(folder, "ml-100k", "text", items, vectors, encoder="random", source_sha256="random")
+
+
+# ---------------------------------------------------------------------------------------------- parsers
+def test_compare_list_reads_models_variants_and_inline_overrides():
+    variants = parse_compare("Speeder, Speeder[text],Speeder[no-spae,lora_r=4,modalities=[text,id]],SASRec")
+    assert [v.label for v in variants] == ["Speeder", "Speeder[text]",
+                                           "Speeder[no-spae,lora_r=4,modalities=[text,id]]", "SASRec"]
+    assert variants[1].overrides == VARIANTS["text"] == {"item_repr": "text"}
+    assert variants[2].overrides == {**VARIANTS["no-spae"], "lora_r": 4, "modalities": ["text", "id"]}
+    assert variants[2].slug == "Speeder-no-spae-lora_r=4-modalities=-text-id"
+    for bad, message in [("Speeder[txet]", "unknown variant 'txet'"), ("SASRec,SASRec", "listed twice"),
+                         ("Speeder[text", "unbalanced"), ("", "at least one model")]:
+        with pytest.raises(UsageError, match=message):
+            parse_compare(bad)
+
+
+def test_shipped_search_spaces_parse_and_name_real_config_keys(tmp_path):
+    for model, file in [("Speeder", "speeder.hyper"), ("SASRec", "sasrec.hyper")]:
+        params = parse_space(properties_dir() / "hyper" / file)
+        config = Config(model, "ml-100k", config_dict={"backbone_path": "tiny-random"})
+        assert params and unknown_keys(config, [p.name for p in params]) == []
+    lr = parse_space(properties_dir() / "hyper" / "sasrec.hyper")[0]
+    assert lr.kind == "loguniform"
+    assert lr.to_ray().lower == pytest.approx(np.exp(lr.args[0]))  # natural-log bounds, as in hyperopt
+    bad = tmp_path / "bad.hyper"
+    bad.write_text("# a comment\nlearning_rate choice [0.1]\nn_layers normal 1,2\n")
+    with pytest.raises(UsageError, match=r"bad.hyper:3: type must be one of"):
+        parse_space(bad)
+
+
+def test_usage_mistakes_exit_2_with_one_line(capsys):
+    for argv, message in [
+        (["--compare=SASRec", "--tune=sasrec.hyper"], "separate runs"),
+        (["--model=SASRec", "--tune=sasrec.hyper", "--tune_search=bayes"], "--tune_search for ray"),
+        (["--model=SASRec", "--tune=nothing.hyper"], "search space nothing.hyper not found"),
+        (["--compare=SASRec[txet]"], "unknown variant"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + TINY)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------------------------------- --compare
+def test_compare_writes_tables_chart_and_configs_with_failed_rows(tmp_path, monkeypatch, random_text_features):
+    import matplotlib.image
+
+    monkeypatch.chdir(tmp_path)  # RecBole writes ./log
+    done = main(["--compare=Speeder,Speeder[text],SASRec,NoSuchModel,SASRec[text]", *TINY, "--epochs=1",
+                 "--backbone_path=tiny-random", "--mpo_stages=None", "--max_item_text_tokens=4",
+                 f"--text_feature_file={random_text_features}", f"--checkpoint_dir={tmp_path / 'saved'}",
+                 f"--results_dir={tmp_path / 'results'}"])
+    out = Path(done["results_dir"])
+    assert out.parent == tmp_path / "results" / "ml-100k"
+    table = pd.read_csv(out / "results.csv")
+    assert table["model"].tolist() == ["Speeder", "Speeder[text]", "SASRec", "NoSuchModel", "SASRec[text]"]
+    assert table["status"].tolist() == ["ok", "ok", "ok", "failed", "failed"], table[["model", "error"]].to_string()
+    assert "not a config key of SASRec" in table.loc[4, "error"]
+    assert isinstance(table.loc[3, "error"], str) and table.loc[3, "error"]
+    ok = table[table["status"] == "ok"]
+    assert ok["eval_split"].nunique() == 1  # one split for every model
+    # the true item ranks no lower among 20 candidates than among all items
+    for k in (1, 5, 10):
+        assert (ok[f"uni19/hit@{k}"] >= ok[f"full/hit@{k}"]).all()
+    assert ok[[c for c in ok if c.startswith(("full/", "uni19/"))]].stack().between(0, 1).all()
+    assert (ok["params_frozen"] > 0).tolist() == [True, True, False]  # the LLM is frozen; SASRec trains all
+    assert (ok["train_s"] > 0).all() and (ok["eval_s/uni19"] > 0).all()
+    # text mode reads each history item's text tokens: longer prompts than one MRC token per item
+    assert ok.loc[1, "prompt_tokens_per_user/full"] > ok.loc[0, "prompt_tokens_per_user/full"]
+
+    markdown = (out / "results.md").read_text()
+    ndcg = ok["uni19/ndcg@10"]
+    assert ndcg.nunique() > 1 and markdown.count(f"**{ndcg.max():.4f}**") >= 1
+    assert "## Failed" in markdown and "`NoSuchModel`:" in markdown
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 5 and rows[3]["traceback"]
+    assert yaml.safe_load((out / "configs" / "Speeder-text.yaml").read_text())["item_repr"] == "text"
+    assert len(list((out / "configs").glob("*.yaml"))) == 5
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(out / "results.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+
+
+# ---------------------------------------------------------------------------------------------- --tune
+def _tiny_config_file(folder: Path) -> None:
+    (folder / "tiny.yaml").write_text("MAX_ITEM_LIST_LENGTH: 5\nhidden_dropout_prob: 0.2\n")
+
+
+def test_ray_sweep_ranks_on_valid_and_its_best_yaml_reproduces(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative config file and checkpoint dir: trials run in Ray's own folders
+    _tiny_config_file(tmp_path)
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.002, 0.01, -1.0]  # -1: a failing trial\n")
+    summary = main(["--model=SASRec", "--tune=space.hyper", "--tune_search=grid", "--tune_gpus=0", "--tune_cpus=1",
+                    "--config_files=tiny.yaml", "--checkpoint_dir=saved", "--results_dir=results", "--epochs=2",
+                    *TINY])
+    out = Path(summary["results_dir"])
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 3 and summary["failed"] == 1
+    scores = trials["valid_ndcg@10"].dropna().tolist()
+    assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+    failed = trials[trials["status"] == "failed"]
+    assert failed["learning_rate"].tolist() == [-1.0] and "Invalid learning rate" in failed["error"].iloc[0]
+    # each trial that trained checkpointed into a folder of its own
+    trained = trials[trials["status"] != "failed"]["trial"]
+    assert sorted(p.name for p in (tmp_path / "saved" / out.name).iterdir() if any(p.glob("*.pth"))) == sorted(trained)
+
+    best = summary["best_trial"]
+    assert best["status"] == "finished" and best["best_valid_score"] == scores[0]
+    assert any(k.startswith("full/") for k in best["test_result"])
+    config = yaml.safe_load(Path(summary["best_config"]).read_text())
+    assert config["learning_rate"] == best["params"]["learning_rate"] and config["hidden_dropout_prob"] == 0.2
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the best yaml stands alone: paths in it are absolute
+    again = main(["--model=SASRec", "--dataset=ml-100k", f"--config_files={summary['best_config']}"])
+    assert again["best_valid_score"] == best["best_valid_score"]
+
+
+def test_hyperopt_grid_records_a_failed_trial_and_goes_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "space.hyper").write_text("learning_rate choice [-1.0, 0.002]\nn_layers choice [1]\n")
+    summary = main(["--model=SASRec", "--tune=space.hyper", "--tune_tool=hyperopt", "--epochs=1",
+                    "--checkpoint_dir=saved", "--results_dir=results", *TINY])
+    trials = pd.read_csv(Path(summary["results_dir"]) / "trials.csv")
+    assert trials["status"].tolist() == ["finished", "failed"]  # ranked: the failed first trial goes last
+    assert trials["learning_rate"].tolist() == [0.002, -1.0]
+    assert summary["best_trial"]["best_valid_score"] == trials["valid_ndcg@10"].iloc[0]
+    assert yaml.safe_load(Path(summary["best_config"]).read_text())["learning_rate"] == 0.002
+    assert "trial_001" in (Path(summary["results_dir"]) / "trials.md").read_text()
