@@ -80,6 +80,7 @@ class MixtureOfModalityExperts(nn.Module):
         self.modalities = tuple(modalities)
         self.n_tokens, self.d_model, self.router = n_tokens, d_model, router
         self.experts = nn.ModuleDict()
+        self.has_any = {"id": True}  # a modality no item has (images of a text-only dataset) is never computed
         for name in self.modalities:
             if name == "id":
                 self.experts[name] = IdExpert(n_items, id_dim, d_model, n_tokens)
@@ -87,6 +88,7 @@ class MixtureOfModalityExperts(nn.Module):
                 embedding, mask = features[name]
                 self.register_buffer(f"{name}_features", embedding.float(), persistent=False)
                 self.register_buffer(f"{name}_mask", mask.bool(), persistent=False)
+                self.has_any[name] = bool(mask.any())
                 self.experts[name] = FeatureExpert(embedding.shape[1], expert_hidden, d_model, n_tokens, dropout)
         self.router_score = nn.Linear(d_model, 1)
         self.modality_bias = nn.Parameter(torch.zeros(len(self.modalities)))
@@ -115,26 +117,33 @@ class MixtureOfModalityExperts(nn.Module):
             columns.append(present)
         return torch.stack(columns, dim=-1)
 
+    def _expert(self, name: str, item_ids: torch.Tensor) -> torch.Tensor:
+        if name == "id":
+            return self.experts[name](item_ids)
+        return self.experts[name](getattr(self, f"{name}_features")[item_ids])
+
     def forward(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft tokens ``[..., n_tokens, d_model]`` and router weights ``[..., M]`` for ``item_ids``."""
+        """Soft tokens ``[..., n_tokens, d_model]`` and router weights ``[..., M]`` for ``item_ids``.
+
+        Only live experts run (active, and present for some item): the others would get zero weight anyway.
+        """
         available = self._available(item_ids)
-        outputs = []
-        for name in self.modalities:
-            if name not in self.active:
-                outputs.append(item_ids.new_zeros((*item_ids.shape, self.n_tokens * self.d_model), dtype=torch.float))
-            elif name == "id":
-                outputs.append(self.experts[name](item_ids))
-            else:
-                outputs.append(self.experts[name](getattr(self, f"{name}_features")[item_ids]))
-        expert_out = torch.stack(outputs, dim=-2)  # [..., M, k*d]
-        if self.router == "learned":
-            pooled = expert_out.view(*expert_out.shape[:-1], self.n_tokens, self.d_model).mean(-2)
-            logits = self.router_score(pooled).squeeze(-1) + self.modality_bias
+        live = [i for i, name in enumerate(self.modalities) if name in self.active and self.has_any[name]]
+        outputs = [self._expert(self.modalities[i], item_ids) for i in live]  # each [..., k*d]
+        if self.router == "learned" and outputs:
+            pooled = [out.view(*out.shape[:-1], self.n_tokens, self.d_model).mean(-2) for out in outputs]
+            logits = torch.cat([self.router_score(p) for p in pooled], dim=-1) + self.modality_bias[live]
         else:
-            logits = torch.zeros(available.shape, device=item_ids.device)
-        weights = torch.softmax(logits.masked_fill(~available, float("-inf")), dim=-1)
-        weights = torch.nan_to_num(weights, nan=0.0)  # an item with no available modality gets no signal
-        mixed = (weights.unsqueeze(-1) * expert_out).sum(-2)
+            logits = torch.zeros((*item_ids.shape, len(live)), device=item_ids.device)
+        live_weights = torch.softmax(logits.masked_fill(~available[..., live], float("-inf")), dim=-1)
+        live_weights = torch.nan_to_num(live_weights, nan=0.0)  # an item with no available modality gets no signal
+        terms = [live_weights[..., j : j + 1] * out for j, out in enumerate(outputs)]
+        if terms:
+            mixed = sum(terms[1:], terms[0])
+        else:
+            mixed = torch.zeros((*item_ids.shape, self.n_tokens * self.d_model), device=item_ids.device)
+        index = torch.tensor(live, dtype=torch.long, device=item_ids.device)
+        weights = torch.zeros(available.shape, device=item_ids.device).index_copy(-1, index, live_weights.float())
         tokens = self.out_norm(mixed.view(*item_ids.shape, self.n_tokens, self.d_model))
         return tokens, weights
 

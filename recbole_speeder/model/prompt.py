@@ -50,6 +50,30 @@ def pack_layout(block_lengths: torch.Tensor, suffix_length: int) -> PackedLayout
     )
 
 
+def length_groups(lengths: torch.Tensor, max_tokens: int, max_padding: float) -> list[torch.Tensor]:
+    """Row indices of a batch in groups of similar prompt length, each padded only to its own longest prompt.
+
+    Histories are long-tailed (Beauty: median 3 items, max 50), so a batch padded to its longest prompt is mostly
+    padding (8x on Beauty's training batches). Rows are sorted by length and cut greedily before a row that would
+    make the group hold more than ``max_tokens`` padded slots (rows x longest) or pad more than ``max_padding``
+    times its real tokens; a row longer than ``max_tokens`` gets a group of its own. A batch that already meets
+    both bounds, or ``max_tokens <= 0``, is one group in its own order.
+    """
+    n_rows, longest = len(lengths), int(lengths.max())
+    if max_tokens <= 0 or n_rows * longest <= min(max_tokens, (1 + max_padding) * int(lengths.sum())):
+        return [torch.arange(n_rows, device=lengths.device)]
+    order = torch.argsort(lengths, stable=True)
+    groups, start, real = [], 0, 0
+    for end, length in enumerate(lengths[order].tolist()):  # one int per row, no tensor work
+        slots = (end - start + 1) * length  # sorted: this row is the group's longest
+        if end > start and (slots > max_tokens or slots > (1 + max_padding) * (real + length)):
+            groups.append(order[start:end])
+            start, real = end, 0
+        real += length
+    groups.append(order[start:])
+    return groups
+
+
 def marker_token_ids(tokenizer, max_len: int) -> torch.Tensor:
     """Token ids of the textual position markers " 01.", " 02.", ... as ``[max_len, m]``.
 

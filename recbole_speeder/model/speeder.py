@@ -11,6 +11,7 @@ the slow "MLLM with text descriptions" baseline, same model otherwise.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from logging import getLogger
 
 import torch
@@ -23,10 +24,12 @@ from transformers import DynamicCache
 from recbole_speeder.data.item_features import build_item_features, item_texts
 from recbole_speeder.errors import UsageError
 from recbole_speeder.model.backbone import load_backbone
+from recbole_speeder.model.generative import PREDICT_MODES, GenerativeAnswerer, distinct_histories
 from recbole_speeder.model.mrc import MixtureOfModalityExperts
 from recbole_speeder.model.prompt import (
     PackedLayout,
     item_text_token_ids,
+    length_groups,
     marker_token_ids,
     pack_layout,
     text_token_ids,
@@ -35,6 +38,27 @@ from recbole_speeder.model.spae import SequentialPositionAwareness
 
 ITEM_REPRS = ("mrc", "text")
 SIMILARITIES = ("cos", "dot")
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype that ``autocast_dtype: name`` means on ``device``; None is full float32.
+
+    ``auto`` is bfloat16 only where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or
+    AMX): there bf16 matmuls are ~3x float32 on CPU; elsewhere bf16 is emulated and slower than float32.
+    """
+    if not name or name == "float32":
+        return None
+    if name == "auto":
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            cpu = torch.cpu
+            native = device.type == "cpu" and (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+        return torch.bfloat16 if native else None
+    if name not in AUTOCAST_DTYPES:
+        raise UsageError(f"autocast_dtype must be auto, float32, {' or '.join(AUTOCAST_DTYPES)}, or ~; not '{name}'")
+    return AUTOCAST_DTYPES[name]
 
 
 class Speeder(SequentialRecommender):
@@ -54,6 +78,9 @@ class Speeder(SequentialRecommender):
         self.temperature = float(config["temperature"])
         self.prefix_cache = bool(config["prefix_cache"])
         self.item_chunk_size = int(config["item_chunk_size"])
+        self.length_bucket_tokens = int(config["length_bucket_tokens"] or 0)
+        self.length_bucket_padding = float(config["length_bucket_padding"])
+        self.autocast_dtype = autocast_dtype(config["autocast_dtype"], torch.device(config["device"]))
 
         # backbone
         self.llm, self.tokenizer = load_backbone(config)
@@ -74,6 +101,7 @@ class Speeder(SequentialRecommender):
             modalities=tuple(config["modalities"]),
             token_scale=float(embeddings.weight.float().std()),
             dropout=config["mrc_dropout"],
+            id_dim=config["id_embedding_dim"],
         )
 
         # SPAE: position cues; the time gap needs the dataset's time field
@@ -111,6 +139,12 @@ class Speeder(SequentialRecommender):
         self._item_cache: torch.Tensor | None = None
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.prompt_token_stats = {"samples": 0, "tokens": 0}
+        # predict_mode: generate (model/generative.py) lists N candidates in the prompt and decodes an answer
+        self.predict_mode = config["predict_mode"] or "score"
+        if self.predict_mode not in PREDICT_MODES:
+            raise UsageError(f"predict_mode must be one of {PREDICT_MODES}, not '{self.predict_mode}'")
+        generate = self.predict_mode == "generate"
+        self.generative = GenerativeAnswerer(config, dataset, tokenizer, self.item_repr) if generate else None
 
     # ------------------------------------------------------------------ parameter groups (MPO) and caches
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -133,6 +167,11 @@ class Speeder(SequentialRecommender):
         self._prefix_kv = None
         return super().train(mode)
 
+    def _autocast(self) -> AbstractContextManager:
+        """Mixed precision for MRC, the backbone and the training logits (``autocast_dtype``); a no-op when off."""
+        dtype = self.autocast_dtype
+        return torch.autocast(torch.device(self.device).type, dtype=dtype, enabled=dtype is not None)
+
     def mean_prompt_tokens(self) -> float:
         """Mean prompt length (prefix + history + suffix tokens) over the samples seen since the last reset."""
         stats = self.prompt_token_stats
@@ -144,7 +183,8 @@ class Speeder(SequentialRecommender):
         if self._item_cache is not None:
             return self._item_cache
         ids = torch.arange(self.n_items, device=self.prefix_ids.device)
-        tokens = torch.cat([self.mrc(chunk)[0] for chunk in ids.split(self.item_chunk_size)])
+        with self._autocast():  # every item, every training step: the third-largest cost after backbone and logits
+            tokens = torch.cat([self.mrc(chunk)[0] for chunk in ids.split(self.item_chunk_size)]).float()
         if not self.training and not torch.is_grad_enabled():
             self._item_cache = tokens
         return tokens
@@ -207,25 +247,56 @@ class Speeder(SequentialRecommender):
         if self._prefix_kv is not None and not self._llm_trains():
             return self._prefix_kv
         prefix = self.llm.get_input_embeddings()(self.prefix_ids).unsqueeze(0)
-        cache = self.llm.get_decoder()(inputs_embeds=prefix, use_cache=True).cache
+        # A cached prefix serves many batches: compute it without (LoRA) dropout, so it draws no random numbers
+        # and a run resumed mid-epoch (trainer/mpo.py) gets the same prefix and the same RNG stream.
+        training, cached = self.llm.training, not self._llm_trains()
+        self.llm.train(training and not cached)
+        with self._autocast():  # in the dtype the backbone's own keys/values will have
+            cache = self.llm.get_decoder()(inputs_embeds=prefix, use_cache=True).cache
+        self.llm.train(training)
         key_values = [(layer.keys, layer.values) for layer in cache.layers]
         if not self._llm_trains():
             self._prefix_kv = [(k.detach(), v.detach()) for k, v in key_values]
         return key_values
 
-    def _run_backbone(self, embeds: torch.Tensor) -> torch.Tensor:
+    def _run_backbone(
+        self, embeds: torch.Tensor, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> torch.Tensor:
+        """Float32 hidden states of the prompt tokens after the prefix (from ``prefix_kv`` when given)."""
         decoder = self.llm.get_decoder()
         embeds = embeds.to(self.backbone_dtype)
         batch, n_prefix = embeds.shape[0], self.prefix_ids.numel()
-        if n_prefix and self.prefix_cache:
-            cache = DynamicCache(config=self.llm.config)
-            for layer, (keys, values) in enumerate(self._prefix_key_values()):
-                cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
-            return decoder(inputs_embeds=embeds, cache=cache, use_cache=True).last_hidden_state
-        if n_prefix:
-            prefix = self.llm.get_input_embeddings()(self.prefix_ids).expand(batch, -1, -1)
-            embeds = torch.cat([prefix, embeds], dim=1)
-        return decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, n_prefix:]
+        with self._autocast():
+            if n_prefix and self.prefix_cache:
+                cache = DynamicCache(config=self.llm.config)
+                for layer, (keys, values) in enumerate(prefix_kv or self._prefix_key_values()):
+                    cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
+                hidden = decoder(inputs_embeds=embeds, cache=cache, use_cache=True).last_hidden_state
+            else:
+                if n_prefix:
+                    prefix = self.llm.get_input_embeddings()(self.prefix_ids).expand(batch, -1, -1)
+                    embeds = torch.cat([prefix, embeds], dim=1)
+                hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, n_prefix:]
+        return hidden.float()
+
+    def _hidden_states(self, embeds: torch.Tensor, layout: PackedLayout, all_positions: bool) -> torch.Tensor:
+        """States read at every item's end ``[B, L, d]`` or at the prompt's end ``[B, d]``.
+
+        Rows run through the backbone in groups of similar prompt length (``length_bucket_*``), each cut to its
+        own longest prompt: right padding never reaches a real token under the causal mask, so the states
+        are those of the whole padded batch, without computing the padding.
+        """
+        prefix_kv = self._prefix_key_values() if self.prefix_cache and self.prefix_ids.numel() else None
+        lengths = layout.last + 1
+        reads = layout.item_end.clamp(min=0) if all_positions else layout.last.unsqueeze(1)
+        groups = length_groups(lengths, self.length_bucket_tokens, self.length_bucket_padding)
+        parts = []
+        for rows in groups:
+            hidden = self._run_backbone(embeds[rows, : int(lengths[rows].max())], prefix_kv)
+            parts.append(hidden.gather(1, reads[rows].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+        # one group is the batch in its own order; several come sorted by length and are put back
+        states = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.cat(groups).argsort()]
+        return states if all_positions else states[:, 0]
 
     def forward(
         self,
@@ -238,12 +309,7 @@ class Speeder(SequentialRecommender):
         """User vectors: ``[B, d]`` for the next item, or ``[B, L, d]`` read after every history item."""
         item_tokens = self.item_tokens() if item_tokens is None else item_tokens
         embeds, layout = self._prompt_embeddings(item_seq, item_seq_len, timestamps, item_tokens)
-        hidden = self._run_backbone(embeds)
-        if all_positions:
-            states = hidden.gather(1, layout.item_end.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        else:
-            states = hidden[torch.arange(hidden.shape[0], device=hidden.device), layout.last]
-        return self._user_vectors(states)
+        return self._user_vectors(self._hidden_states(embeds, layout, all_positions))
 
     def _inputs(self, interaction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         timestamps = interaction[self.time_list_field] if self.time_list_field in interaction else None
@@ -251,6 +317,8 @@ class Speeder(SequentialRecommender):
 
     # ------------------------------------------------------------------ RecBole API
     def calculate_loss(self, interaction) -> torch.Tensor:
+        if self.generative is not None:
+            return self.generative.loss(self, interaction)
         item_seq, item_seq_len, timestamps = self._inputs(interaction)
         targets = interaction[self.POS_ITEM_ID]
         item_tokens = self.item_tokens()
@@ -261,15 +329,25 @@ class Speeder(SequentialRecommender):
             next_items = next_items.scatter(1, (item_seq_len - 1).unsqueeze(1), targets.unsqueeze(1))
             valid = torch.arange(item_seq.shape[1], device=item_seq.device) < item_seq_len.unsqueeze(1)
             users, targets = users[valid], next_items[valid]
-        logits = users @ self._item_vectors(item_tokens).T
+        with self._autocast():  # [targets x items x d]: as costly as the backbone; softmax tolerates bf16 logits
+            logits = (users @ self._item_vectors(item_tokens).T).float()
         logits = logits.masked_fill(torch.arange(self.n_items, device=logits.device) == 0, float("-inf"))
         return self.loss_fct(logits, targets)
 
     def predict(self, interaction) -> torch.Tensor:
-        users = self.forward(*self._inputs(interaction))
+        if self.generative is not None:
+            return self.generative.predict(self, interaction)
+        item_seq, item_seq_len, timestamps = self._inputs(interaction)
+        # sampled evaluation repeats a user's row per candidate: one prompt per distinct history
+        user_ids = interaction[self.USER_ID] if self.USER_ID in interaction else torch.zeros_like(item_seq_len)
+        head, groups = distinct_histories(user_ids, item_seq, item_seq_len)
+        stamps = timestamps[head] if timestamps is not None else None
+        users = self.forward(item_seq[head], item_seq_len[head], stamps)[groups]
         items = self._item_vectors(self.item_tokens())[interaction[self.ITEM_ID]]
         return (users * items).sum(dim=-1)
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
+        if self.generative is not None:
+            return self.generative.full_sort_predict(self, interaction)
         users = self.forward(*self._inputs(interaction))
         return users @ self._item_vectors(self.item_tokens()).T

@@ -167,8 +167,8 @@ class SpeederTrainer(Trainer, _DeferredDDP):
     # ------------------------------------------------------------------ stages
     def _log_schedule(self) -> None:
         lines = [
-            f"MPO: {len(self.stages)} stage(s); each starts from the weights that scored best on valid in the one before, "
-            "with a fresh optimizer over its trainable groups and fresh early stopping"
+            f"MPO: {len(self.stages)} stage(s); each starts from the weights that scored best on valid in the one "
+            "before, with a fresh optimizer over its trainable groups and fresh early stopping"
         ]
         for i, stage in enumerate(self.stages):
             lines.append(
