@@ -6,6 +6,7 @@ import os
 from collections.abc import MutableMapping
 from logging import getLogger
 
+import torch
 import torch.distributed as dist
 from recbole.data import data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
@@ -50,6 +51,27 @@ def _run_rank(rank: int, model: str, dataset: str, config_file_list, kwargs: Mut
     run_recbole_speeder(model, dataset, config_file_list, **kwargs)
 
 
+def start_logging(config) -> None:
+    """Seed and open RecBole's log for a run; every result line names its evaluation protocol."""
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    tag_results_with_protocol(config)
+
+
+def build_data_and_model(config) -> tuple[object, tuple, torch.nn.Module]:
+    """The dataset, its split loaders (seeded candidate lists) and the model, as RecBole's quick start builds them."""
+    logger = getLogger()
+    logger.info(config)
+    data = create_dataset(config)
+    logger.info(data)
+    loaders = data_preparation(config, data)
+    seed_eval_candidates(config, loaders[1], loaders[2])
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    recommender = get_model(config["model"])(config, loaders[0]._dataset).to(config["device"])
+    logger.info(recommender)
+    return data, loaders, recommender
+
+
 def run_recbole_speeder(
     model: str | None = None,
     dataset: str | None = None,
@@ -61,18 +83,9 @@ def run_recbole_speeder(
 ) -> dict:
     """Train on the train split, pick the best epoch on valid, report test; returns both results."""
     config = Config(model, dataset, config_file_list, config_dict, cmd_args=cmd_args)
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    start_logging(config)
     logger = getLogger()
-    tag_results_with_protocol(config)
-    logger.info(config)
-    data = create_dataset(config)
-    logger.info(data)
-    train_data, valid_data, test_data = data_preparation(config, data)
-    seed_eval_candidates(config, valid_data, test_data)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    recommender = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    logger.info(recommender)
+    _, (train_data, valid_data, test_data), recommender = build_data_and_model(config)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, recommender)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]

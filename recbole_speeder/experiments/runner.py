@@ -1,6 +1,6 @@
 """One isolated train-and-test run: the unit of ``--compare`` and of every tuning trial.
 
-It follows ``quick_start.run_recbole_speeder`` (same Config, dataset, seeded candidates, trainer and test) and
+It builds data and model with ``quick_start`` (same Config, dataset, seeded candidates, trainer and test) and
 adds what experiments need: fresh log handlers and seeds per run, a checkpoint folder of its own, a callback
 after every validation, parameter counts, timings, a fingerprint of the evaluation split, and the test set
 scored under several protocols (full ranking and a sampled ``uniN``) from the same best weights.
@@ -20,10 +20,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
-from recbole.data import data_preparation
 from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
 from recbole.data.utils import create_samplers
-from recbole.utils import init_logger, init_seed, set_color
+from recbole.utils import set_color
 
 from recbole_speeder.config import Config
 from recbole_speeder.errors import UsageError
@@ -32,10 +31,10 @@ from recbole_speeder.protocol import (
     is_sampled,
     measured_evaluate,
     seed_eval_candidates,
-    tag_results_with_protocol,
 )
+from recbole_speeder.quick_start import build_data_and_model, start_logging
 from recbole_speeder.trainer.mpo import replayable_config
-from recbole_speeder.utils import create_dataset, get_model, get_trainer
+from recbole_speeder.utils import get_trainer
 
 SAMPLED_MODE = re.compile(r"^(uni|pop)\d+$")
 
@@ -181,22 +180,13 @@ def train_and_test(
                              f"of {config['model']}")
         if checkpoint_subdir:
             config["checkpoint_dir"] = os.path.join(config["checkpoint_dir"], checkpoint_subdir)
-        init_seed(config["seed"], config["reproducibility"])
-        init_logger(config)
+        start_logging(config)
         logger = logging.getLogger()
         log_file = next((h.baseFilename for h in logger.handlers if isinstance(h, logging.FileHandler)), None)
-        tag_results_with_protocol(config)
         if title:
             logger.info(set_color(title, "green"))
-        logger.info(config)
-        data = create_dataset(config)
-        logger.info(data)
-        loaders = data_preparation(config, data)
+        data, loaders, recommender = build_data_and_model(config)
         train_data, valid_data, test_data = loaders
-        seed_eval_candidates(config, valid_data, test_data)
-        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-        recommender = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-        logger.info(recommender)
         trainable, frozen = count_parameters(recommender)
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, recommender)
         try:
