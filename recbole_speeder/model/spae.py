@@ -44,19 +44,29 @@ class SequentialPositionAwareness(nn.Module):
             if table is not None:
                 nn.init.normal_(table.weight, std=init_std)
 
-    def forward(self, lengths: torch.Tensor, max_len: int, timestamps: torch.Tensor | None = None) -> torch.Tensor:
-        """Additive ``[B, L, d]`` for right-padded histories of ``lengths`` items (zeros where all cues are off).
+    def at(
+        self, lengths: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, timestamps: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Cues ``[n, d]`` of the history items at ``positions`` of rows ``rows``; None when every cue is off.
 
-        Recency counts back from the last history item (1 = most recent), which is the item just before the
-        prediction step.
+        Only the items that are there are looked up (a padded batch of histories is mostly padding). Recency counts
+        back from the last history item (1 = most recent), which is the item just before the prediction step.
         """
-        positions = torch.arange(max_len, device=lengths.device).unsqueeze(0)
-        out = torch.zeros(())
+        out = None
         if self.absolute is not None:
-            out = out + self.absolute(positions)
+            out = self.absolute(positions)
         if self.relative is not None:
-            recency = (lengths.unsqueeze(1) - positions).clamp(min=0, max=self.relative.num_embeddings - 1)
-            out = out + self.relative(recency)
+            recency = (lengths[rows] - positions).clamp(min=0, max=self.relative.num_embeddings - 1)
+            out = self.relative(recency) if out is None else out + self.relative(recency)
         if self.time_gap is not None and timestamps is not None:
-            out = out + self.time_gap(time_gap_buckets(timestamps, lengths, self.n_time_buckets, self.time_unit))
-        return out.expand(lengths.shape[0], max_len, -1) if out.dim() == 3 else out
+            buckets = time_gap_buckets(timestamps, lengths, self.n_time_buckets, self.time_unit)[rows, positions]
+            out = self.time_gap(buckets) if out is None else out + self.time_gap(buckets)
+        return out
+
+    def forward(self, lengths: torch.Tensor, max_len: int, timestamps: torch.Tensor | None = None) -> torch.Tensor:
+        """Additive ``[B, L, d]`` for right-padded histories of ``lengths`` items (zeros where all cues are off)."""
+        grid = torch.arange(max_len, device=lengths.device)
+        rows = torch.arange(len(lengths), device=lengths.device).repeat_interleave(max_len)
+        positions = grid.repeat(len(lengths))
+        cues = self.at(lengths, rows, positions, timestamps)
+        return torch.zeros(()) if cues is None else cues.view(len(lengths), max_len, -1)

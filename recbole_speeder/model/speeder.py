@@ -11,7 +11,7 @@ the slow "MLLM with text descriptions" baseline, same model otherwise.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from logging import getLogger
 
 import torch
@@ -61,6 +61,11 @@ def autocast_dtype(name: str | None, device: torch.device) -> torch.dtype | None
     return AUTOCAST_DTYPES[name]
 
 
+def _outside_inference_mode(scores: torch.Tensor) -> torch.Tensor:
+    """Scores RecBole may edit in place (it masks the padding item and history items) once inference mode is left."""
+    return scores.clone() if scores.is_inference() and not torch.is_inference_mode_enabled() else scores
+
+
 class Speeder(SequentialRecommender):
     input_type = InputType.POINTWISE
 
@@ -81,6 +86,7 @@ class Speeder(SequentialRecommender):
         self.length_bucket_tokens = int(config["length_bucket_tokens"] or 0)
         self.length_bucket_padding = float(config["length_bucket_padding"])
         self.autocast_dtype = autocast_dtype(config["autocast_dtype"], torch.device(config["device"]))
+        self.inference_mode = bool(config["inference_mode"])
 
         # backbone
         self.llm, self.tokenizer = load_backbone(config)
@@ -137,6 +143,7 @@ class Speeder(SequentialRecommender):
         self.head = nn.Sequential(nn.Dropout(config["head_dropout"]), nn.Linear(self.d_model, self.d_model))
         self.loss_fct = nn.CrossEntropyLoss()
         self._item_cache: torch.Tensor | None = None
+        self._item_vector_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.prompt_token_stats = {"samples": 0, "tokens": 0}
         # predict_mode: generate (model/generative.py) lists N candidates in the prompt and decodes an answer
@@ -159,11 +166,11 @@ class Speeder(SequentialRecommender):
 
     def set_modalities(self, modalities: list[str]) -> None:
         self.mrc.set_active(modalities)
-        self._item_cache = None
+        self._item_cache = self._item_vector_cache = None
 
     def train(self, mode: bool = True):
         # Weights may change between a train and an eval phase: cached item tokens and prefix K/V go stale.
-        self._item_cache = None
+        self._item_cache = self._item_vector_cache = None
         self._prefix_kv = None
         return super().train(mode)
 
@@ -171,6 +178,18 @@ class Speeder(SequentialRecommender):
         """Mixed precision for MRC, the backbone and the training logits (``autocast_dtype``); a no-op when off."""
         dtype = self.autocast_dtype
         return torch.autocast(torch.device(self.device).type, dtype=dtype, enabled=dtype is not None)
+
+    def _scoring(self) -> AbstractContextManager:
+        """``torch.inference_mode`` while scoring without gradients (``inference_mode``), else nothing.
+
+        The once-per-evaluation caches are filled first, outside it, so that they are ordinary tensors.
+        """
+        if not self.inference_mode or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            return nullcontext()
+        self._item_vectors(self.item_tokens())
+        if self.prefix_cache and self.prefix_ids.numel():
+            self._prefix_key_values()
+        return torch.inference_mode()
 
     def mean_prompt_tokens(self) -> float:
         """Mean prompt length (prefix + history + suffix tokens) over the samples seen since the last reset."""
@@ -180,7 +199,7 @@ class Speeder(SequentialRecommender):
     # ------------------------------------------------------------------ items
     def item_tokens(self) -> torch.Tensor:
         """MRC tokens of every item ``[n_items, k, d]``; computed in chunks and cached while evaluating."""
-        if self._item_cache is not None:
+        if self._item_cache is not None and not torch.is_grad_enabled():  # a loss with gradients needs fresh ones
             return self._item_cache
         ids = torch.arange(self.n_items, device=self.prefix_ids.device)
         with self._autocast():  # every item, every training step: the third-largest cost after backbone and logits
@@ -190,8 +209,15 @@ class Speeder(SequentialRecommender):
         return tokens
 
     def _item_vectors(self, item_tokens: torch.Tensor) -> torch.Tensor:
+        """Output embedding of every item; computed once per evaluation, with the item tokens it comes from."""
+        cached = self._item_vector_cache
+        if cached is not None and cached[0] is item_tokens:
+            return cached[1]
         vectors = item_tokens.mean(dim=1)
-        return F.normalize(vectors, dim=-1) if self.similarity == "cos" else vectors
+        vectors = F.normalize(vectors, dim=-1) if self.similarity == "cos" else vectors
+        if item_tokens is self._item_cache:
+            self._item_vector_cache = (item_tokens, vectors)
+        return vectors
 
     def _user_vectors(self, states: torch.Tensor) -> torch.Tensor:
         users = self.head(states.float())
@@ -211,30 +237,33 @@ class Speeder(SequentialRecommender):
             content = self.item_text_len[item_seq]
         layout = pack_layout((content + n_markers) * valid, n_suffix)
 
-        in_item = layout.item_index >= 0
-        position = layout.item_index.clamp(min=0)
-        item_at_slot = item_seq.gather(1, position)
-        in_marker = in_item & (layout.offset < n_markers)
+        # Only slots that hold a token are computed: padding never reaches a real token under the causal mask,
+        # so it stays zero (on Beauty's training batches 7 in 8 slots of the padded batch are padding).
+        rows, slots = ((layout.item_index >= 0) | layout.is_suffix).nonzero(as_tuple=True)
+        index, offset = layout.item_index[rows, slots], layout.offset[rows, slots]
+        in_item = index >= 0
+        position = index.clamp(min=0)
+        item_at_slot = item_seq[rows, position]
+        in_marker = in_item & (offset < n_markers)
         in_content = in_item & ~in_marker
-        content_offset = (layout.offset - n_markers).clamp(min=0)
+        content_offset = (offset - n_markers).clamp(min=0)
 
-        ids = torch.zeros_like(layout.item_index)
+        ids = torch.zeros_like(index)
         if n_markers:
-            ids = torch.where(in_marker, self.marker_ids[position, layout.offset.clamp(max=n_markers - 1)], ids)
+            ids = torch.where(in_marker, self.marker_ids[position, offset.clamp(max=n_markers - 1)], ids)
         if n_suffix:
-            ids = torch.where(layout.is_suffix, self.suffix_ids[layout.offset.clamp(max=n_suffix - 1)], ids)
+            ids = torch.where(~in_item, self.suffix_ids[offset.clamp(max=n_suffix - 1)], ids)
         if self.item_repr == "text":
             text_ids = self.item_text_ids[item_at_slot, content_offset.clamp(max=self.item_text_ids.shape[1] - 1)]
             ids = torch.where(in_content, text_ids, ids)
-        embeds = self.llm.get_input_embeddings()(ids).float()
+        values = self.llm.get_input_embeddings()(ids).float()
         if self.item_repr == "mrc":
             soft = item_tokens[item_at_slot, content_offset.clamp(max=item_tokens.shape[1] - 1)]
-            embeds = torch.where(in_content.unsqueeze(-1), soft, embeds)
-
-        cues = self.spae(item_seq_len, max_len, timestamps)
-        if cues.dim() == 3:
-            per_slot = cues.gather(1, position.unsqueeze(-1).expand(-1, -1, self.d_model))
-            embeds = embeds + per_slot * in_item.unsqueeze(-1)
+            values = torch.where(in_content.unsqueeze(-1), soft, values)
+        cues = self.spae.at(item_seq_len, rows, position, timestamps)
+        if cues is not None:
+            values = values + cues * in_item.unsqueeze(-1)
+        embeds = values.new_zeros(batch, layout.n_slots, self.d_model).index_put((rows, slots), values)
         self.prompt_token_stats["samples"] += batch
         self.prompt_token_stats["tokens"] += int((layout.last + 1).sum()) + batch * self.prefix_ids.numel()
         return embeds, layout
@@ -308,8 +337,12 @@ class Speeder(SequentialRecommender):
     ) -> torch.Tensor:
         """User vectors: ``[B, d]`` for the next item, or ``[B, L, d]`` read after every history item."""
         item_tokens = self.item_tokens() if item_tokens is None else item_tokens
+        return self._user_vectors(self._states(item_seq, item_seq_len, timestamps, item_tokens, all_positions))
+
+    def _states(self, item_seq, item_seq_len, timestamps, item_tokens, all_positions: bool) -> torch.Tensor:
+        """The backbone's states before the user head, shaped like ``forward``'s output."""
         embeds, layout = self._prompt_embeddings(item_seq, item_seq_len, timestamps, item_tokens)
-        return self._user_vectors(self._hidden_states(embeds, layout, all_positions))
+        return self._hidden_states(embeds, layout, all_positions)
 
     def _inputs(self, interaction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         timestamps = interaction[self.time_list_field] if self.time_list_field in interaction else None
@@ -322,32 +355,38 @@ class Speeder(SequentialRecommender):
         item_seq, item_seq_len, timestamps = self._inputs(interaction)
         targets = interaction[self.POS_ITEM_ID]
         item_tokens = self.item_tokens()
-        users = self.forward(item_seq, item_seq_len, timestamps, item_tokens, self.train_all_positions)
+        states = self._states(item_seq, item_seq_len, timestamps, item_tokens, self.train_all_positions)
         if self.train_all_positions:
             # position t predicts the item after it; the last one predicts the row's target
             next_items = torch.cat([item_seq[:, 1:], torch.zeros_like(item_seq[:, :1])], dim=1)
             next_items = next_items.scatter(1, (item_seq_len - 1).unsqueeze(1), targets.unsqueeze(1))
             valid = torch.arange(item_seq.shape[1], device=item_seq.device) < item_seq_len.unsqueeze(1)
-            users, targets = users[valid], next_items[valid]
-        with self._autocast():  # [targets x items x d]: as costly as the backbone; softmax tolerates bf16 logits
-            logits = (users @ self._item_vectors(item_tokens).T).float()
-        logits = logits.masked_fill(torch.arange(self.n_items, device=logits.device) == 0, float("-inf"))
-        return self.loss_fct(logits, targets)
+            states, targets = states[valid], next_items[valid]  # the head runs on real positions only
+        users = self._user_vectors(states)
+        # Logits over the real items 1..n-1 (the padding item 0 is never a target): the softmax over all items with
+        # item 0 at -inf, without its column. [targets x items x d] costs as much as the backbone; the softmax
+        # tolerates bf16 logits.
+        with self._autocast():
+            logits = (users @ self._item_vectors(item_tokens)[1:].T).float()
+        return self.loss_fct(logits, targets - 1)
 
     def predict(self, interaction) -> torch.Tensor:
         if self.generative is not None:
             return self.generative.predict(self, interaction)
         item_seq, item_seq_len, timestamps = self._inputs(interaction)
-        # sampled evaluation repeats a user's row per candidate: one prompt per distinct history
-        user_ids = interaction[self.USER_ID] if self.USER_ID in interaction else torch.zeros_like(item_seq_len)
-        head, groups = distinct_histories(user_ids, item_seq, item_seq_len)
-        stamps = timestamps[head] if timestamps is not None else None
-        users = self.forward(item_seq[head], item_seq_len[head], stamps)[groups]
-        items = self._item_vectors(self.item_tokens())[interaction[self.ITEM_ID]]
-        return (users * items).sum(dim=-1)
+        with self._scoring():
+            # sampled evaluation repeats a user's row per candidate: one prompt per distinct history
+            user_ids = interaction[self.USER_ID] if self.USER_ID in interaction else torch.zeros_like(item_seq_len)
+            head, groups = distinct_histories(user_ids, item_seq, item_seq_len)
+            stamps = timestamps[head] if timestamps is not None else None
+            users = self.forward(item_seq[head], item_seq_len[head], stamps)[groups]
+            items = self._item_vectors(self.item_tokens())[interaction[self.ITEM_ID]]
+            scores = (users * items).sum(dim=-1)
+        return _outside_inference_mode(scores)
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
         if self.generative is not None:
             return self.generative.full_sort_predict(self, interaction)
-        users = self.forward(*self._inputs(interaction))
-        return users @ self._item_vectors(self.item_tokens()).T
+        with self._scoring():
+            scores = self.forward(*self._inputs(interaction)) @ self._item_vectors(self.item_tokens()).T
+        return _outside_inference_mode(scores)

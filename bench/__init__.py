@@ -1,0 +1,1 @@
+"""Efficiency benchmark of Speeder against its text-description mode (see efficiency.py)."""

@@ -1,0 +1,156 @@
+"""What each speed setting of Speeder is worth: one training step and one full-ranking batch per variant.
+
+Every variant is Speeder with one config change from the defaults (properties/model/Speeder.yaml), measured side
+by side with the defaults on the same windows and users of the real Amazon Beauty data; the epoch estimate scales
+the step and batch times to one pass over the training windows and one validation pass.
+
+    python bench/ablation.py --data_path=dataset/
+    python bench/ablation.py --data_path=dataset/ --variants=no_buckets,float32 --no_write
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/ablation.py` from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from recbole.data import data_preparation  # noqa: E402
+from recbole.utils import init_seed  # noqa: E402
+
+from bench.efficiency import check_data, shared_backbone  # noqa: E402
+from bench.measure import median, paired_ratio, paired_timings  # noqa: E402
+from bench.report import append_run, command_line, machine_line  # noqa: E402
+from bench.workload import build_workload  # noqa: E402
+from recbole_speeder.config import Config  # noqa: E402
+from recbole_speeder.errors import UsageError  # noqa: E402
+from recbole_speeder.model import Speeder  # noqa: E402
+from recbole_speeder.utils import create_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# name -> (config change, what it switches off or on)
+VARIANTS = {
+    "default": ({}, "the shipped defaults"),
+    "no_buckets": ({"length_bucket_tokens": 0}, "whole batch padded to its longest prompt"),
+    "float32": ({"autocast_dtype": "float32"}, "no bf16 autocast"),
+    "no_prefix_cache": ({"prefix_cache": False}, "instruction prefix recomputed for every row"),
+    "no_inference_mode": ({"inference_mode": False}, "scoring under RecBole's torch.no_grad only"),
+    "no_lora": ({"lora_r": 0}, "LLM fully frozen"),
+    "layers_1": ({"backbone_layers": 1}, "1 decoder layer"),
+    "layers_4": ({"backbone_layers": 4}, "4 decoder layers"),
+    "layers_30": ({"backbone_layers": 30}, "the full 30-layer SmolLM2"),
+    "mrc_tokens_2": ({"mrc_tokens": 2}, "2 soft tokens per item"),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_path", default="dataset/", help="RecBole data_path holding <dataset>/ (dataset_prep)")
+    parser.add_argument("--dataset", default="Amazon_Beauty", help="dataset name (default Amazon_Beauty)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--train_rows", type=int, default=256, help="training windows per step (default 256)")
+    parser.add_argument("--eval_users", type=int, default=256, help="users per evaluation batch (default 256)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md", help="file the run is appended to")
+    parser.add_argument("--no_write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise UsageError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    check_data(args.data_path, args.dataset)
+    shared_backbone()
+    names = ["default"] + [v for v in args.variants.split(",") if v != "default"]
+    with tempfile.TemporaryDirectory() as workdir:
+        base = {
+            "data_path": args.data_path,
+            "show_progress": False,
+            "state": "WARNING",
+            "log_wandb": False,
+            "checkpoint_dir": workdir,
+        }
+        config = Config("Speeder", args.dataset, config_dict=base)
+        init_seed(config["seed"], config["reproducibility"])
+        train, valid, _ = data_preparation(config, create_dataset(config))
+        work = build_workload(train, valid, args.train_rows, args.eval_users, 2, config["seed"])
+        models, optimizers = {}, {}
+        for name in names:
+            print(f"building {name} ...", flush=True)
+            variant = Config("Speeder", args.dataset, config_dict={**base, **VARIANTS[name][0]})
+            init_seed(variant["seed"], variant["reproducibility"])
+            models[name] = Speeder(variant, train._dataset)
+            optimizers[name] = torch.optim.Adam([p for p in models[name].parameters() if p.requires_grad], lr=1e-4)
+
+        def step(name: str):
+            def run() -> None:
+                models[name].train()
+                optimizers[name].zero_grad()
+                models[name].calculate_loss(work.train).backward()
+                optimizers[name].step()
+
+            return run
+
+        def rank(name: str):
+            def run() -> None:
+                with torch.no_grad():
+                    models[name].full_sort_predict(work.users)
+
+            return run
+
+        print(f"{len(names)} variants, {args.repeats} rounds ...", flush=True)
+        train_times = paired_timings({n: step(n) for n in names}, args.repeats)
+        for model in models.values():
+            model.eval()
+        rank_times = paired_timings({n: rank(n) for n in names}, args.repeats)
+        n_steps = -(-len(train._dataset) // config["train_batch_size"])
+        n_batches = -(-len(valid._dataset) // config["eval_batch_size"])
+    lines = [
+        "| variant | change | train step (s) | vs default | full-ranking batch (s) | vs default | epoch estimate (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        change, what = VARIANTS[name]
+        setting = ", ".join(f"`{k}: {v}`" for k, v in change.items()) or "–"
+        epoch = n_steps * median(train_times[name]) + n_batches * median(rank_times[name])
+        lines.append(
+            f"| {name} ({what}) | {setting} | {median(train_times[name]):.3f} "
+            f"| {paired_ratio(train_times[name], train_times['default']):.2f}x | {median(rank_times[name]):.3f} "
+            f"| {paired_ratio(rank_times[name], rank_times['default']):.2f}x | {epoch:.0f} |"
+        )
+    text = (
+        "\n".join(
+            [
+                f"### Ablation, {command_line()}",
+                "",
+                f"Machine: {machine_line()}.",
+                "",
+                f"{len(work.train)} training windows per step, {len(work.users)} users per batch, median of "
+                f"{args.repeats} paired rounds; 'vs default' is time relative to the defaults (above 1 = slower). "
+                f"Epoch estimate: {n_steps} training steps of {config['train_batch_size']} + {n_batches} "
+                f"validation batches of {config['eval_batch_size']}, model time only.",
+                "",
+                *lines,
+            ]
+        )
+        + "\n"
+    )
+    print("\n" + text)
+    if not args.no_write:
+        append_run(args.output, text)
+        print(f"appended to {args.output}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,82 @@
+"""Timing and memory primitives of the efficiency benchmark: paired repeated timings, peak RSS."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import numpy as np
+import psutil
+
+
+def paired_timings(tasks: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of every task, ``repeats`` rounds, the tasks taking turns within each round.
+
+    Turn-taking puts each model's i-th measurement next to the others' in time, so a load burst from another
+    process hits all of them alike; ``paired_ratio`` then compares them round by round. Warm-up calls (caches,
+    allocator, oneDNN kernel selection) are run first and not recorded.
+    """
+    for task in tasks.values():
+        for _ in range(warmup):
+            task()
+    times: dict[str, list[float]] = {name: [] for name in tasks}
+    for _ in range(repeats):
+        for name, task in tasks.items():
+            start = time.perf_counter()
+            task()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def paired_ratio(slow: list[float], fast: list[float]) -> float:
+    """Median over rounds of ``slow / fast``: how many times faster ``fast`` was, measured side by side."""
+    return float(np.median(np.asarray(slow) / np.asarray(fast)))
+
+
+def _release_free_memory() -> None:
+    """Return freed heap to the OS so the next RSS baseline is not inflated by an earlier phase."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline is just less tight
+        pass
+
+
+@contextmanager
+def peak_rss(interval: float = 0.002):
+    """Peak resident memory above the starting RSS while the block runs, in MiB (``result["mib"]``).
+
+    RSS counts every allocation of the process, torch's CPU tensors included (tracemalloc would not see them:
+    they bypass Python's allocator). A thread samples it every ``interval`` seconds; peaks shorter than that can
+    be missed, so the figure is a lower bound of the true peak.
+    """
+    _release_free_memory()
+    process = psutil.Process(os.getpid())
+    start = process.memory_info().rss
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            done.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    result: dict[str, float] = {}
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+        peak[0] = max(peak[0], process.memory_info().rss)
+        result["mib"] = (peak[0] - start) / 2**20

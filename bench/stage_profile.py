@@ -1,0 +1,68 @@
+"""Where Speeder's time goes: one training step and one full-ranking batch under ``torch.profiler``, by stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.profiler import ProfilerActivity, profile, record_function
+
+# model method -> stage name in the table; calls from inside the model resolve to the instance's wrapper
+STAGES = {
+    "item_tokens": "MRC: every item's soft tokens",
+    "_prompt_embeddings": "prompt packing + SPAE cues",
+    "_prefix_key_values": "instruction prefix K/V",
+    "_run_backbone": "LLM backbone (forward)",
+    "_user_vectors": "user head",
+}
+OUTER = {
+    "loss": "training loss (forward, total)",
+    "backward": "backward (all stages)",
+    "step": "optimizer step",
+    "rank": "full-ranking scores (total)",
+}
+
+
+def _instrument(model) -> Callable[[], None]:
+    """Label the model's stages for the profiler; returns the undo."""
+    for name in STAGES:
+        method = getattr(model, name)
+
+        def wrapped(*args, _method=method, _label=STAGES[name], **kwargs):
+            with record_function(_label):
+                return _method(*args, **kwargs)
+
+        setattr(model, name, wrapped)
+    return lambda: [model.__dict__.pop(name, None) for name in STAGES]
+
+
+def stage_profile(model, optimizer, train_batch, users) -> str:
+    """Markdown: wall time per stage of one training step and one full-ranking batch, and the top operators."""
+    import torch
+
+    undo = _instrument(model)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model.train()
+            optimizer.zero_grad()
+            with record_function(OUTER["loss"]):
+                loss = model.calculate_loss(train_batch)
+            with record_function(OUTER["backward"]):
+                loss.backward()
+            with record_function(OUTER["step"]):
+                optimizer.step()
+            model.eval()
+            with torch.no_grad(), record_function(OUTER["rank"]):
+                model.full_sort_predict(users)
+    finally:
+        undo()
+    events = prof.key_averages()
+    by_name = {e.key: e for e in events}
+    lines = ["| stage | calls | CPU time (s) |", "|---|---:|---:|"]
+    for label in [OUTER["loss"], *STAGES.values(), OUTER["backward"], OUTER["step"], OUTER["rank"]]:
+        if label in by_name:
+            event = by_name[label]
+            lines.append(f"| {label} | {event.count} | {event.cpu_time_total / 1e6:.3f} |")
+    ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)[:10]
+    lines += ["", "| operator (top 10 by self CPU time) | calls | self CPU (s) |", "|---|---:|---:|"]
+    lines += [f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e6:.3f} |" for e in ops]
+    return "\n".join(lines)

@@ -1,0 +1,224 @@
+"""Speed paths give the results of the plain ones: prefix cache, all-position training, chunked item tokens,
+length-bucketed micro-batches, bf16 autocast and inference mode (tiny-random backbone on ml-100k)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from recbole.data import data_preparation
+from recbole.data.interaction import Interaction
+from recbole.utils import init_seed
+
+from recbole_speeder.data.features import save_item_features
+from recbole_speeder.model import Speeder
+from recbole_speeder.model.prompt import length_groups
+from recbole_speeder.utils import create_dataset
+
+FLOAT32 = {"autocast_dtype": "float32"}
+
+
+BASE = {
+    "backbone_path": "tiny-random",
+    "show_progress": False,
+    "state": "WARNING",
+    "log_wandb": False,
+    "modalities": ["text", "id"],
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """ml-100k loaded once, with random text features keyed by its item tokens (no MiniLM needed)."""
+    from recbole_speeder.config import Config
+
+    folder = tmp_path_factory.mktemp("speed")
+    config = Config("Speeder", "ml-100k", config_dict={**BASE, "modalities": ["id"]})
+    dataset = create_dataset(config)
+    tokens = [str(t) for t in dataset.field2id_token["item_id"][1:]]
+    embedding = np.random.default_rng(0).normal(size=(len(tokens), 24)).astype(np.float32)
+    features = save_item_features(folder, "ml-100k", "text", tokens, embedding, encoder="random", source_sha256="-")
+    base = {**BASE, "text_feature_file": str(features), "checkpoint_dir": str(folder / "saved")}
+    train, valid, _ = data_preparation(Config("Speeder", "ml-100k", config_dict=base), dataset)
+    # small batches keep the tests quick: 12 training windows of mixed lengths, 16 users to rank for
+    rows = next(iter(train))
+    lengths = rows[train._dataset.config["ITEM_LIST_LENGTH_FIELD"]]
+    mixed = torch.cat([lengths.argsort()[:8], lengths.argsort()[-4:]])
+    return base, train, rows[mixed], next(iter(valid))[0][torch.arange(16)]
+
+
+@pytest.fixture
+def build(data):
+    """A Speeder in eval mode (dropout off), its weights fixed by the seed, and a train and a valid batch."""
+    from recbole_speeder.config import Config
+
+    base, train, train_batch, valid_batch = data
+
+    def make(**overrides):
+        config = Config("Speeder", "ml-100k", config_dict={**base, **overrides})
+        init_seed(config["seed"], config["reproducibility"])
+        model = Speeder(config, train._dataset)
+        model.eval()
+        return model, train_batch, valid_batch
+
+    return make
+
+
+def scores(model: Speeder, interaction) -> torch.Tensor:
+    with torch.no_grad():
+        return model.full_sort_predict(interaction)
+
+
+def test_length_groups_cover_every_row_once_within_the_budget():
+    lengths = torch.tensor([3, 50, 4, 3, 12, 7, 3, 49, 5, 3])
+    for budget, padding in ((24, 10.0), (1000, 0.25)):
+        groups = length_groups(lengths, budget, padding)
+        rows = torch.cat(groups)
+        assert len(groups) > 2 and sorted(rows.tolist()) == list(range(len(lengths)))
+        assert lengths[rows].tolist() == sorted(lengths.tolist())  # sorted: each group pads to its own longest
+        for group in groups:
+            slots = len(group) * int(lengths[group].max())
+            assert len(group) == 1 or (slots <= budget and slots <= (1 + padding) * int(lengths[group].sum()))
+    for budget, padding in ((0, 0.0), (10 * 50, 10.0)):  # off, or the whole batch within bounds: batch order
+        assert [g.tolist() for g in length_groups(lengths, budget, padding)] == [list(range(len(lengths)))]
+
+
+def test_prefix_cache_gives_the_scores_of_the_full_prompt(build):
+    model, _, valid = build(**FLOAT32)
+    cached = scores(model, valid)
+    plain = copy.deepcopy(model)
+    plain.prefix_cache = False
+    assert torch.allclose(cached, scores(plain, valid), atol=1e-4)
+    assert model._prefix_kv is not None  # the eval pass kept the prefix's keys/values
+
+
+@pytest.mark.parametrize("item_repr", ["mrc", "text"])
+def test_length_buckets_give_the_scores_loss_and_gradients_of_one_padded_batch(build, item_repr):
+    model, train, valid = build(item_repr=item_repr, length_bucket_tokens=0, **FLOAT32)
+    bucketed = copy.deepcopy(model)
+    lengths = model._prompt_embeddings(*model._inputs(train), model.item_tokens())[1].last + 1
+    bucketed.length_bucket_tokens = 4 * int(lengths.max())
+    assert len(length_groups(lengths, bucketed.length_bucket_tokens, bucketed.length_bucket_padding)) > 1
+    assert torch.allclose(scores(model, valid), scores(bucketed, valid), atol=1e-4)
+    losses = []
+    for m in (model, bucketed):
+        loss = m.calculate_loss(train)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), bucketed.parameters(), strict=True):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_all_position_loss_is_the_mean_of_one_prefix_at_a_time(build):
+    """One forward over a history trains every next-item prediction, exactly, when no cue depends on its end."""
+    model, train, _ = build(spae_relative=False, **FLOAT32)
+    rows = train[torch.arange(4)]  # the shortest windows: one forward per prefix follows
+    with torch.no_grad():
+        all_positions = model.calculate_loss(rows)
+        model.train_all_positions = False
+        item_seq, item_seq_len, timestamps = model._inputs(rows)
+        targets = rows[model.POS_ITEM_ID]
+        per_prefix = []
+        for row in range(len(rows)):
+            n = int(item_seq_len[row])
+            history = torch.cat([item_seq[row, :n], targets[row : row + 1]])
+            for t in range(1, n + 1):  # the prefix of t items predicts item t + 1
+                prefix = Interaction(
+                    {
+                        model.ITEM_SEQ: item_seq[row : row + 1],
+                        model.ITEM_SEQ_LEN: torch.tensor([t]),
+                        model.time_list_field: timestamps[row : row + 1],
+                        model.POS_ITEM_ID: history[t : t + 1],
+                    }
+                )
+                per_prefix.append(model.calculate_loss(prefix).item())
+    assert len(per_prefix) == int(item_seq_len.sum()) > len(rows)
+    assert all_positions.item() == pytest.approx(float(np.mean(per_prefix)), rel=1e-4)
+
+
+def test_chunked_item_tokens_equal_one_pass(build):
+    model, _, _ = build(**FLOAT32)
+    with torch.no_grad():
+        whole = model.item_tokens()
+        model._item_cache = None
+        model.item_chunk_size = 97
+        chunked = model.item_tokens()
+    assert torch.allclose(whole, chunked, atol=1e-6)
+
+
+def test_inference_mode_scores_equal_no_grad_and_fill_the_caches(build):
+    model, _, valid = build(inference_mode=False)
+    reference = scores(model, valid)
+    model.inference_mode = True
+    model.train(False)  # drops the caches
+    fast = scores(model, valid)
+    assert model._item_cache is not None and model._prefix_kv is not None
+    assert not model._item_cache.is_inference()  # caches are filled outside inference mode: usable anywhere
+    assert torch.equal(reference, fast)
+    fast[:, 0] = -torch.inf  # RecBole masks the padding item in place: the scores must not be inference tensors
+    with torch.inference_mode():  # a caller's own inference mode is kept, caches and all
+        assert torch.equal(model.full_sort_predict(valid), reference)
+
+
+def test_bf16_autocast_scores_agree_with_float32(build):
+    model, train, valid = build(**FLOAT32)
+    bf16 = copy.deepcopy(model)
+    bf16.autocast_dtype = torch.bfloat16
+    full, mixed = scores(model, valid), scores(bf16, valid)
+    top_full, top_mixed = full.topk(10).indices, mixed.topk(10).indices
+    overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top_full, top_mixed, strict=True)])
+    assert torch.corrcoef(torch.stack([full[:, 1:].flatten(), mixed[:, 1:].flatten()]))[0, 1] > 0.99
+    assert overlap > 0.8, overlap
+    with torch.no_grad():
+        assert bf16.calculate_loss(train).item() == pytest.approx(model.calculate_loss(train).item(), rel=0.02)
+
+
+def test_mrc_skipping_dead_experts_equals_the_full_mixture():
+    """Experts that no item can use (images of a text-only dataset, inactive modalities) are not computed."""
+    from recbole_speeder.model.mrc import MixtureOfModalityExperts
+
+    torch.manual_seed(0)
+    n_items, d, k = 7, 16, 2
+    text_mask = torch.tensor([False, True, True, False, True, True, True])
+    features = {
+        "text": (torch.randn(n_items, 8), text_mask),
+        "image": (torch.randn(n_items, 4), torch.zeros(n_items, dtype=bool)),
+    }
+    mrc = MixtureOfModalityExperts(
+        features, n_items=n_items, d_model=d, n_tokens=k, expert_hidden=8, dropout=0.0
+    ).eval()
+    ids = torch.arange(n_items)
+
+    def reference() -> torch.Tensor:  # every expert run, dead ones masked out by the router
+        outs = torch.stack(
+            [
+                mrc.experts[m](ids) if m == "id" else mrc.experts[m](getattr(mrc, f"{m}_features")[ids])
+                for m in mrc.modalities
+            ],
+            dim=-2,
+        )
+        logits = mrc.router_score(outs.view(n_items, -1, k, d).mean(-2)).squeeze(-1) + mrc.modality_bias
+        weights = torch.softmax(logits.masked_fill(~mrc._available(ids), float("-inf")), dim=-1).nan_to_num(0.0)
+        return mrc.out_norm(((weights.unsqueeze(-1) * outs).sum(-2)).view(n_items, k, d))
+
+    with torch.no_grad():
+        for active in (["text", "image", "id"], ["text"], ["image"]):
+            mrc.set_active(active)
+            assert torch.allclose(mrc(ids)[0], reference(), atol=1e-6), active
+
+
+def test_autocast_dtype_resolves_auto_by_hardware_and_refuses_unknown_names():
+    from recbole_speeder.errors import UsageError
+    from recbole_speeder.model.speeder import autocast_dtype
+
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert autocast_dtype("float32", cpu) is None and autocast_dtype(None, cpu) is None
+    assert autocast_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(UsageError, match="autocast_dtype must be"):
+        autocast_dtype("int8", cpu)
