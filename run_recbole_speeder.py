@@ -4,7 +4,14 @@
     python run_recbole_speeder.py --model=SASRec --dataset=ml-100k --epochs=5
 """
 
-from recbole_speeder.cli import main
+import os
+
+# OpenMP threads waiting at a barrier sleep instead of spinning. On a machine shared with other jobs, spinning
+# threads made evaluation 2-20x slower; alone, sleeping costs ~15% (BENCHMARKS.md). Set OMP_WAIT_POLICY to override.
+# It must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from recbole_speeder.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()
