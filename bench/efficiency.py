@@ -50,8 +50,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_path", default="dataset/", help="RecBole data_path holding <dataset>/ (dataset_prep)")
     parser.add_argument("--dataset", default="Amazon_Beauty", help="dataset name (default Amazon_Beauty)")
-    parser.add_argument("--train_rows", type=int, default=128, help="training windows per step (default 128)")
-    parser.add_argument("--eval_users", type=int, default=128, help="users per inference batch (default 128)")
+    parser.add_argument(
+        "--train_rows", type=int, default=None, help="training windows per step (default: train_batch_size, 256)"
+    )
+    parser.add_argument(
+        "--eval_users", type=int, default=None, help="users per inference batch (default: eval_batch_size, 256)"
+    )
     parser.add_argument("--candidates", type=int, default=20, help="candidates per user, true item included")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -201,7 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     shared_backbone()
     with tempfile.TemporaryDirectory() as workdir:
         config, train, valid, models = build_models(args, overrides, workdir)
-        work = build_workload(train, valid, args.train_rows, args.eval_users, args.candidates, config["seed"])
+        # the batch sizes the run script trains and evaluates with, unless told otherwise
+        train_rows = args.train_rows or config["train_batch_size"]
+        eval_users = args.eval_users or config["eval_batch_size"]
+        work = build_workload(train, valid, train_rows, eval_users, args.candidates, config["seed"])
         rows = measure(models, work, args.repeats)
         times = rows.pop("_times")
         extra = ""

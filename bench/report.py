@@ -43,9 +43,10 @@ def cpu_model() -> str:
 def machine_line() -> str:
     bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    policy = os.environ.get("OMP_WAIT_POLICY") or "unset (libgomp: spin, then sleep)"
     return (
         f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-        f"native bf16: {'yes' if bf16 else 'no'}, load average {load} (1/5/15 min) at the end"
+        f"OMP_WAIT_POLICY {policy}, native bf16: {'yes' if bf16 else 'no'}, load average {load} (1/5/15 min) at the end"
     )
 
 
