@@ -26,7 +26,7 @@ from recbole.utils import init_seed  # noqa: E402
 
 from bench.efficiency import check_data, shared_backbone  # noqa: E402
 from bench.measure import median, paired_ratio, paired_timings  # noqa: E402
-from bench.report import append_run, command_line, machine_line  # noqa: E402
+from bench.report import command_line, machine_line, publish, run_cli  # noqa: E402
 from bench.workload import build_workload  # noqa: E402
 from recbole_speeder.config import Config  # noqa: E402
 from recbole_speeder.errors import UsageError  # noqa: E402
@@ -144,15 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         + "\n"
     )
-    print("\n" + text)
-    if not args.no_write:
-        append_run(args.output, text)
-        print(f"appended to {args.output}")
+    publish(text, args.output, write=not args.no_write)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(main)

@@ -33,7 +33,7 @@ from recbole.data import data_preparation  # noqa: E402
 from recbole.utils import init_seed  # noqa: E402
 
 from bench.measure import median, paired_ratio, paired_timings, peak_rss  # noqa: E402
-from bench.report import ModelRow, append_run, section  # noqa: E402
+from bench.report import ModelRow, publish, run_cli, section  # noqa: E402
 from bench.workload import Workload, build_workload  # noqa: E402
 from recbole_speeder.config import Config  # noqa: E402
 from recbole_speeder.errors import UsageError  # noqa: E402
@@ -241,15 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         f"sampled every 2 ms (psutil)"
     )
     text = section(settings, list(rows.values()), ratios, extra)
-    print("\n" + text)
-    if not args.no_write:
-        append_run(args.output, text)
-        print(f"appended to {args.output}")
+    publish(text, args.output, write=not args.no_write)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(main)

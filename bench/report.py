@@ -6,11 +6,14 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from recbole_speeder.errors import UsageError
 
 RUNS_HEADING = "## Benchmark runs"
 
@@ -96,6 +99,23 @@ def section(settings: str, rows: list[ModelRow], ratios: dict[str, float], extra
     if extra:
         parts += ["", extra]
     return "\n".join(parts) + "\n"
+
+
+def publish(text: str, output: Path, write: bool) -> None:
+    """Print the run and, unless ``--no_write``, append it to ``output``."""
+    print("\n" + text)
+    if write:
+        append_run(output, text)
+        print(f"appended to {output}")
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """A bench script's entry point: a usage mistake is one ``error:`` line and exit status 2."""
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def append_run(path: Path, text: str) -> None:

@@ -79,17 +79,7 @@ def build_text_features(dataset_dir: str | Path, dataset_name: str, options: Fea
     rows = item_rows(Path(dataset_dir), dataset_name)
     ids, texts = [r["item_id"] for r in rows], item_texts(rows, fields)
     digest = source_hash([f"{i}\t{t}" for i, t in zip(ids, texts, strict=True)])
-    path = feature_path(dataset_dir, dataset_name, "text")
-    if is_fresh(dataset_dir, dataset_name, "text", digest):
-        log.info("text features up to date: %s", path)
-        return path
-    encode = options.text_encoder or functools.partial(
-        encoders.encode_texts, batch_size=options.batch_size, device=options.device,
-        show_progress=options.show_progress)
-    name = _name(options.text_encoder) if options.text_encoder else encoders.TEXT_ENCODER_NAME
-    embedding = encode(texts)
-    return save_item_features(dataset_dir, dataset_name, "text", ids, embedding, encoder=name,
-                              source_sha256=digest)
+    return _encode_unless_fresh(dataset_dir, dataset_name, "text", ids, texts, digest, options)
 
 
 def build_image_features(dataset_dir: str | Path, dataset_name: str, options: FeatureOptions | None = None
@@ -115,18 +105,30 @@ def build_image_features(dataset_dir: str | Path, dataset_name: str, options: Fe
     ids = [r["item_id"] for r in rows]
     present = [int(p is not None) for p in paths]
     digest = source_hash([f"{i}\t{u}\t{p}" for i, u, p in zip(ids, urls, present, strict=True)])
-    path = feature_path(dataset_dir, dataset_name, "image")
-    if is_fresh(dataset_dir, dataset_name, "image", digest):
-        log.info("image features up to date: %s", path)
-        return path
-    encode = options.image_encoder or functools.partial(
-        encoders.encode_images, batch_size=options.batch_size, device=options.device,
-        show_progress=options.show_progress)
-    name = _name(options.image_encoder) if options.image_encoder else encoders.IMAGE_ENCODER_NAME
-    embedding, mask = encode(paths)
-    return save_item_features(dataset_dir, dataset_name, "image", ids, embedding, mask, encoder=name,
-                              source_sha256=digest)
+    return _encode_unless_fresh(dataset_dir, dataset_name, "image", ids, paths, digest, options)
 
+
+def _encode_unless_fresh(dataset_dir: str | Path, dataset_name: str, modality: str, ids: list[str],
+                         inputs: list, digest: str, options: FeatureOptions) -> Path:
+    """The modality's feature file: kept when its manifest hash matches ``digest``, else encoded and written.
+
+    Text encoders return the embedding; image encoders return it with a mask of the items that have an image.
+    """
+    path = feature_path(dataset_dir, dataset_name, modality)
+    if is_fresh(dataset_dir, dataset_name, modality, digest):
+        log.info("%s features up to date: %s", modality, path)
+        return path
+    default, default_name = {
+        "text": (encoders.encode_texts, encoders.TEXT_ENCODER_NAME),
+        "image": (encoders.encode_images, encoders.IMAGE_ENCODER_NAME),
+    }[modality]
+    custom = getattr(options, f"{modality}_encoder")
+    encode = custom or functools.partial(default, batch_size=options.batch_size, device=options.device,
+                                         show_progress=options.show_progress)
+    encoded = encode(inputs)
+    embedding, mask = encoded if modality == "image" else (encoded, None)
+    return save_item_features(dataset_dir, dataset_name, modality, ids, embedding, mask,
+                              encoder=_name(custom) if custom else default_name, source_sha256=digest)
 
 def build_features(dataset_dir: str | Path, dataset_name: str, options: FeatureOptions | None = None
                    ) -> dict[str, Path]:

@@ -221,13 +221,7 @@ class GenerativeAnswerer(nn.Module):
         if answer_ids.shape[1]:
             ids = torch.where(block == n + 2, answer_ids.gather(1, offset.clamp(max=answer_ids.shape[1] - 1)), ids)
         ids = torch.where(in_candidate & (offset == 0), lead, ids)
-        if self.item_repr == "text":
-            text = model.item_text_ids[item, content_offset.clamp(max=model.item_text_ids.shape[1] - 1)]
-            ids = torch.where(in_content, text, ids)
-        embeds = model.llm.get_input_embeddings()(ids).float()
-        if self.item_repr == "mrc":
-            soft = item_tokens[item, content_offset.clamp(max=item_tokens.shape[1] - 1)]
-            embeds = torch.where(in_content.unsqueeze(-1), soft, embeds)
+        embeds = model.slot_embeddings(ids, item, in_content, content_offset, item_tokens)
         return embeds, layout.last + 1, layout.item_end[:, n + 1]
 
     def _prompt(self, model, item_seq, item_seq_len, timestamps, item_tokens, candidates, answer_ids=None,

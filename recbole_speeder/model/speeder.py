@@ -253,13 +253,7 @@ class Speeder(SequentialRecommender):
             ids = torch.where(in_marker, self.marker_ids[position, offset.clamp(max=n_markers - 1)], ids)
         if n_suffix:
             ids = torch.where(~in_item, self.suffix_ids[offset.clamp(max=n_suffix - 1)], ids)
-        if self.item_repr == "text":
-            text_ids = self.item_text_ids[item_at_slot, content_offset.clamp(max=self.item_text_ids.shape[1] - 1)]
-            ids = torch.where(in_content, text_ids, ids)
-        values = self.llm.get_input_embeddings()(ids).float()
-        if self.item_repr == "mrc":
-            soft = item_tokens[item_at_slot, content_offset.clamp(max=item_tokens.shape[1] - 1)]
-            values = torch.where(in_content.unsqueeze(-1), soft, values)
+        values = self.slot_embeddings(ids, item_at_slot, in_content, content_offset, item_tokens)
         cues = self.spae.at(item_seq_len, rows, position, timestamps)
         if cues is not None:
             values = values + cues * in_item.unsqueeze(-1)
@@ -267,6 +261,28 @@ class Speeder(SequentialRecommender):
         self.prompt_token_stats["samples"] += batch
         self.prompt_token_stats["tokens"] += int((layout.last + 1).sum()) + batch * self.prefix_ids.numel()
         return embeds, layout
+
+    def slot_embeddings(
+        self,
+        ids: torch.Tensor,
+        items: torch.Tensor,
+        in_content: torch.Tensor,
+        content_offset: torch.Tensor,
+        item_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Float32 input embeddings of packed prompt slots (also the generative prompt's).
+
+        A slot with ``in_content`` holds token ``content_offset`` of item ``items``: its text token in text mode,
+        its MRC soft token otherwise; every other slot embeds its token id from ``ids``.
+        """
+        if self.item_repr == "text":
+            text_ids = self.item_text_ids[items, content_offset.clamp(max=self.item_text_ids.shape[1] - 1)]
+            ids = torch.where(in_content, text_ids, ids)
+        embeds = self.llm.get_input_embeddings()(ids).float()
+        if self.item_repr == "mrc":
+            soft = item_tokens[items, content_offset.clamp(max=item_tokens.shape[1] - 1)]
+            embeds = torch.where(in_content.unsqueeze(-1), soft, embeds)
+        return embeds
 
     def _llm_trains(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.llm.parameters())
