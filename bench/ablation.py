@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from recbole.data import data_preparation  # noqa: E402
 from recbole.utils import init_seed  # noqa: E402
 
-from bench.efficiency import check_data, shared_backbone  # noqa: E402
+from bench.efficiency import check_data, quiet_config, shared_backbone  # noqa: E402
 from bench.measure import median, paired_ratio, paired_timings  # noqa: E402
 from bench.report import command_line, machine_line, publish, run_cli  # noqa: E402
 from bench.workload import build_workload  # noqa: E402
@@ -72,13 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     shared_backbone()
     names = ["default"] + [v for v in args.variants.split(",") if v != "default"]
     with tempfile.TemporaryDirectory() as workdir:
-        base = {
-            "data_path": args.data_path,
-            "show_progress": False,
-            "state": "WARNING",
-            "log_wandb": False,
-            "checkpoint_dir": workdir,
-        }
+        base = quiet_config(args.data_path, workdir)
         config = Config("Speeder", args.dataset, config_dict=base)
         init_seed(config["seed"], config["reproducibility"])
         train, valid, _ = data_preparation(config, create_dataset(config))

@@ -97,15 +97,20 @@ def shared_backbone() -> None:
     speeder_module.load_backbone = load_once
 
 
-def build_models(args, overrides: list[str], workdir: str):
-    """Speeder (MRC tokens), Speeder in text-description mode, and SASRec, on one dataset split."""
-    base = {
-        "data_path": args.data_path,
+def quiet_config(data_path: str, workdir: str) -> dict:
+    """Config for benchmarked models: no progress bars or info logs in the timings, checkpoints in ``workdir``."""
+    return {
+        "data_path": data_path,
         "show_progress": False,
         "state": "WARNING",
         "log_wandb": False,
         "checkpoint_dir": workdir,
     }
+
+
+def build_models(args, overrides: list[str], workdir: str):
+    """Speeder (MRC tokens), Speeder in text-description mode, and SASRec, on one dataset split."""
+    base = quiet_config(args.data_path, workdir)
     configs = {"Speeder": Config("Speeder", args.dataset, config_dict=base, cmd_args=overrides)}
     if not args.no_text:
         configs["Speeder (text)"] = Config(
