@@ -6,8 +6,8 @@
 
 import os
 
-# OpenMP threads waiting at a barrier sleep instead of spinning. On a machine shared with other jobs, spinning
-# threads made evaluation 2-20x slower; alone, sleeping costs ~15% (BENCHMARKS.md). Set OMP_WAIT_POLICY to override.
+# OpenMP threads waiting at a barrier sleep instead of spinning. With one other busy process on 2 cores, spinning
+# made ranking 2.4x slower; alone, sleeping costs ~4% (BENCHMARKS.md). Set OMP_WAIT_POLICY to override.
 # It must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
