@@ -130,6 +130,7 @@ def _encode_unless_fresh(dataset_dir: str | Path, dataset_name: str, modality: s
     return save_item_features(dataset_dir, dataset_name, modality, ids, embedding, mask,
                               encoder=_name(custom) if custom else default_name, source_sha256=digest)
 
+
 def build_features(dataset_dir: str | Path, dataset_name: str, options: FeatureOptions | None = None
                    ) -> dict[str, Path]:
     """Every requested modality that can be built, keyed by modality."""
