@@ -20,12 +20,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as run_recbole_speeder.py
 if __package__ in (None, ""):  # `python bench/ablation.py` from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 from recbole.data import data_preparation  # noqa: E402
 from recbole.utils import init_seed  # noqa: E402
 
 from bench.efficiency import check_data, quiet_config, shared_backbone  # noqa: E402
-from bench.measure import median, paired_ratio, paired_timings  # noqa: E402
+from bench.measure import adam, median, paired_ratio, paired_timings, scoring, training_step  # noqa: E402
 from bench.report import command_line, machine_line, publish, run_cli  # noqa: E402
 from bench.workload import build_workload  # noqa: E402
 from recbole_speeder.config import Config  # noqa: E402
@@ -77,35 +76,19 @@ def main(argv: list[str] | None = None) -> None:
         init_seed(config["seed"], config["reproducibility"])
         train, valid, _ = data_preparation(config, create_dataset(config))
         work = build_workload(train, valid, args.train_rows, args.eval_users, 2, config["seed"])
-        models, optimizers = {}, {}
+        models = {}
         for name in names:
             print(f"building {name} ...", flush=True)
             variant = Config("Speeder", args.dataset, config_dict={**base, **VARIANTS[name][0]})
             init_seed(variant["seed"], variant["reproducibility"])
             models[name] = Speeder(variant, train._dataset)
-            optimizers[name] = torch.optim.Adam([p for p in models[name].parameters() if p.requires_grad], lr=1e-4)
-
-        def step(name: str):
-            def run() -> None:
-                models[name].train()
-                optimizers[name].zero_grad()
-                models[name].calculate_loss(work.train).backward()
-                optimizers[name].step()
-
-            return run
-
-        def rank(name: str):
-            def run() -> None:
-                with torch.no_grad():
-                    models[name].full_sort_predict(work.users)
-
-            return run
 
         print(f"{len(names)} variants, {args.repeats} rounds ...", flush=True)
-        train_times = paired_timings({n: step(n) for n in names}, args.repeats)
+        steps = {name: training_step(model, adam(model), work.train) for name, model in models.items()}
+        train_times = paired_timings(steps, args.repeats)
         for model in models.values():
             model.eval()
-        rank_times = paired_timings({n: rank(n) for n in names}, args.repeats)
+        rank_times = paired_timings({name: scoring(model, work.users) for name, model in models.items()}, args.repeats)
         n_steps = -(-len(train._dataset) // config["train_batch_size"])
         n_batches = -(-len(valid._dataset) // config["eval_batch_size"])
     lines = [

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from recbole.data import data_preparation  # noqa: E402
 from recbole.utils import init_seed  # noqa: E402
 
-from bench.measure import median, paired_ratio, paired_timings, peak_rss  # noqa: E402
+from bench.measure import adam, median, paired_ratio, paired_timings, peak_rss, scoring, training_step  # noqa: E402
 from bench.report import ModelRow, publish, run_cli, section  # noqa: E402
 from bench.workload import Workload, build_workload  # noqa: E402
 from recbole_speeder.config import Config  # noqa: E402
@@ -141,35 +141,15 @@ def prompt_tokens(model, interaction, loss: bool) -> float | None:
 
 def measure(models: dict, work: Workload, repeats: int) -> dict[str, ModelRow]:
     rows = {name: ModelRow(name) for name in models}
-    optimizers = {
-        name: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-4) for name, m in models.items()
-    }
     for name, model in models.items():
         rows[name].train_tokens = prompt_tokens(model, work.train, loss=True)
         rows[name].eval_tokens = prompt_tokens(model, work.users, loss=False)
-
-    def train_step(name: str):
-        model, optimizer = models[name], optimizers[name]
-
-        def step() -> None:
-            model.train()
-            optimizer.zero_grad()
-            model.calculate_loss(work.train).backward()
-            optimizer.step()
-
-        return step
-
-    def scoring(name: str, full: bool):
-        model = models[name]
-
-        def score() -> None:
-            with torch.no_grad():  # what RecBole's evaluate does; the item/prefix caches persist across calls
-                model.full_sort_predict(work.users) if full else model.predict(work.candidates)
-
-        return score
+    steps = {name: training_step(model, adam(model), work.train) for name, model in models.items()}
+    full = {name: scoring(model, work.users) for name, model in models.items()}
+    candidates = {name: scoring(model, work.candidates, full=False) for name, model in models.items()}
 
     print(f"training steps: {len(work.train)} windows ({work.train_targets} targets), {repeats} rounds ...", flush=True)
-    times = {"train": paired_timings({n: train_step(n) for n in models}, repeats)}
+    times = {"train": paired_timings(steps, repeats)}
     for model in models.values():
         model.eval()
     for name, model in models.items():  # the once-per-evaluation caches, timed apart from the per-batch cost
@@ -181,9 +161,9 @@ def measure(models: dict, work: Workload, repeats: int) -> dict[str, ModelRow]:
                 model._prefix_key_values()
             rows[name].item_cache_s = time.perf_counter() - start
     print(f"full ranking: {len(work.users)} users, {repeats} rounds ...", flush=True)
-    times["full"] = paired_timings({n: scoring(n, True) for n in models}, repeats)
+    times["full"] = paired_timings(full, repeats)
     print(f"{work.n_candidates}-candidate scoring: {len(work.users)} users, {repeats} rounds ...", flush=True)
-    times["candidates"] = paired_timings({n: scoring(n, False) for n in models}, repeats)
+    times["candidates"] = paired_timings(candidates, repeats)
 
     for name, model in models.items():
         row = rows[name]
@@ -193,10 +173,10 @@ def measure(models: dict, work: Workload, repeats: int) -> dict[str, ModelRow]:
         row.full_users_per_s = len(work.users) / median(times["full"][name])
         row.candidate_users_per_s = len(work.users) / median(times["candidates"][name])
         with peak_rss() as train_peak:
-            train_step(name)()
+            steps[name]()
         model.train(False)
         with peak_rss() as eval_peak:
-            scoring(name, True)()
+            full[name]()
         row.train_mib, row.eval_mib = train_peak["mib"], eval_peak["mib"]
     rows["_times"] = times  # type: ignore[assignment]
     return rows
@@ -221,10 +201,9 @@ def main(argv: list[str] | None = None) -> None:
             from bench.stage_profile import stage_profile
 
             speeder = models["Speeder"]
-            optimizer = torch.optim.Adam([p for p in speeder.parameters() if p.requires_grad], lr=1e-4)
             extra = (
                 "Profile of one Speeder training step and one full-ranking batch (caches rebuilt):\n\n"
-                + stage_profile(speeder, optimizer, work.train, work.users)
+                + stage_profile(speeder, adam(speeder), work.train, work.users)
             )
     ratios = {}
     if "Speeder (text)" in models:

@@ -12,6 +12,34 @@ from contextlib import contextmanager
 
 import numpy as np
 import psutil
+import torch
+
+
+def adam(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of the timed training steps: Adam over the parameters the model trains."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def training_step(model, optimizer: torch.optim.Optimizer, batch) -> Callable[[], None]:
+    """One timed training step on ``batch``: forward, backward, optimizer step, as RecBole's trainer runs it."""
+
+    def step() -> None:
+        model.train()
+        optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+
+    return step
+
+
+def scoring(model, interaction, full: bool = True) -> Callable[[], None]:
+    """One timed scoring call: ``full_sort_predict`` (full ranking) or ``predict`` (candidate rows)."""
+
+    def score() -> None:
+        with torch.no_grad():  # what RecBole's evaluate does; the item/prefix caches persist across calls
+            model.full_sort_predict(interaction) if full else model.predict(interaction)
+
+    return score
 
 
 def paired_timings(tasks: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
