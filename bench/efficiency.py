@@ -89,7 +89,9 @@ def shared_backbone() -> None:
 
     @functools.wraps(loader)
     def load_once(config):
-        key = tuple(str(config[k]) for k in ("backbone_path", "backbone_layers", "backbone_dtype", "lora_r"))
+        # the model may store the frozen weights in its autocast dtype: models that autocast alike share them
+        keys = ("backbone_path", "backbone_layers", "backbone_dtype", "lora_r", "autocast_dtype")
+        key = tuple(str(config[k]) for k in (*keys, "autocast_frozen_weights"))
         if key not in cache:
             cache[key] = loader(config)
         return cache[key]

@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 # model method -> stage name in the table; calls from inside the model resolve to the instance's wrapper
 STAGES = {
     "item_tokens": "MRC: every item's soft tokens",
-    "_prompt_embeddings": "prompt packing + SPAE cues",
+    "_prompt_tokens": "prompt packing + SPAE cues",
     "_prefix_key_values": "instruction prefix K/V",
     "_run_backbone": "LLM backbone (forward)",
     "_user_vectors": "user head",

@@ -1,5 +1,6 @@
 """Speed paths give the results of the plain ones: prefix cache, all-position training, chunked item tokens,
-length-bucketed micro-batches, bf16 autocast and inference mode (tiny-random backbone on ml-100k)."""
+length-bucketed micro-batches, bf16 autocast with the frozen weights stored in bf16, and inference mode (tiny-random
+backbone on ml-100k)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,39 @@ def test_length_buckets_give_the_scores_loss_and_gradients_of_one_padded_batch(b
     for (name, p), q in zip(model.named_parameters(), bucketed.parameters(), strict=True):
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("item_repr", ["mrc", "text"])
+def test_length_groups_read_the_states_of_the_padded_batch_through_one_backbone_call(build, item_repr):
+    """The groups' side-by-side input buffer holds each row's prompt exactly as the dense padded batch does."""
+    model, train, _ = build(item_repr=item_repr, **FLOAT32)
+    inputs = (*model._inputs(train), model.item_tokens())
+    lengths = model._prompt_embeddings(*inputs)[1].last + 1
+    model.length_bucket_tokens = 4 * int(lengths.max())
+    with torch.no_grad():
+        embeds, layout = model._prompt_embeddings(*inputs)
+        dense = model._run_backbone(embeds)  # every row padded to the longest prompt, one call
+        for all_positions, reads in ((False, layout.last.unsqueeze(1)), (True, layout.item_end.clamp(min=0))):
+            expected = dense.gather(1, reads.unsqueeze(-1).expand(-1, -1, dense.shape[-1]))
+            states = model._states(*inputs, all_positions=all_positions)
+            assert torch.allclose(states.view_as(expected), expected, atol=1e-4)
+
+
+def test_frozen_weights_kept_in_the_autocast_dtype_give_the_same_scores_loss_and_gradients(build):
+    recast, train, valid = build(autocast_dtype="bfloat16", autocast_frozen_weights=False)
+    stored, _, _ = build(autocast_dtype="bfloat16")
+    layers = [(n, p) for n, p in stored.llm.get_decoder().layers.named_parameters() if n.endswith("proj.weight")
+              or n.endswith("base_layer.weight")]
+    assert layers and all(p.dtype == torch.bfloat16 for _, p in layers)
+    assert all(p.dtype == torch.float32 for p in recast.llm.parameters())
+    assert stored.llm.get_input_embeddings().weight.dtype == torch.float32  # only the decoder layers' linears
+    assert torch.equal(scores(recast, valid), scores(stored, valid))
+    for m in (recast, stored):
+        m.calculate_loss(train).backward()
+    for (name, p), q in zip(recast.named_parameters(), stored.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
 
 
 def test_all_position_loss_is_the_mean_of_one_prefix_at_a_time(build):

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from recbole_speeder.data.item_features import build_item_features, item_texts
 from recbole_speeder.errors import UsageError
-from recbole_speeder.model.backbone import load_backbone
+from recbole_speeder.model.backbone import load_backbone, store_frozen_linears_in
 from recbole_speeder.model.generative import PREDICT_MODES, GenerativeAnswerer, distinct_histories
 from recbole_speeder.model.mrc import MixtureOfModalityExperts
 from recbole_speeder.model.prompt import (
@@ -90,6 +90,8 @@ class Speeder(SequentialRecommender):
 
         # backbone
         self.llm, self.tokenizer = load_backbone(config)
+        if config["autocast_frozen_weights"] and self.autocast_dtype is not None:
+            store_frozen_linears_in(self.llm, self.autocast_dtype)
         embeddings = self.llm.get_input_embeddings()
         self.d_model = embeddings.embedding_dim
         self.backbone_dtype = embeddings.weight.dtype
@@ -228,6 +230,19 @@ class Speeder(SequentialRecommender):
     def _prompt_embeddings(
         self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, timestamps, item_tokens: torch.Tensor
     ) -> tuple[torch.Tensor, PackedLayout]:
+        """The packed prompts as one right-padded batch ``[B, N, d]`` (the generative prompt builds on it)."""
+        values, (rows, slots), layout = self._prompt_tokens(item_seq, item_seq_len, timestamps, item_tokens)
+        embeds = values.new_zeros(len(item_seq), layout.n_slots, self.d_model)
+        return embeds.index_put_((rows, slots), values), layout
+
+    def _prompt_tokens(
+        self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, timestamps, item_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], PackedLayout]:
+        """Input embeddings of the prompts' real tokens ``[T, d]``, their ``(row, slot)`` and the packed layout.
+
+        Only slots that hold a token are computed: padding never reaches a real token under the causal mask,
+        so it stays zero (on Beauty's training batches 7 in 8 slots of the padded batch are padding).
+        """
         batch, max_len = item_seq.shape
         valid = torch.arange(max_len, device=item_seq.device) < item_seq_len.unsqueeze(1)
         n_markers, n_suffix = self.marker_ids.shape[1], self.suffix_ids.numel()
@@ -237,8 +252,6 @@ class Speeder(SequentialRecommender):
             content = self.item_text_len[item_seq]
         layout = pack_layout((content + n_markers) * valid, n_suffix)
 
-        # Only slots that hold a token are computed: padding never reaches a real token under the causal mask,
-        # so it stays zero (on Beauty's training batches 7 in 8 slots of the padded batch are padding).
         rows, slots = ((layout.item_index >= 0) | layout.is_suffix).nonzero(as_tuple=True)
         index, offset = layout.item_index[rows, slots], layout.offset[rows, slots]
         in_item = index >= 0
@@ -257,10 +270,9 @@ class Speeder(SequentialRecommender):
         cues = self.spae.at(item_seq_len, rows, position, timestamps)
         if cues is not None:
             values = values + cues * in_item.unsqueeze(-1)
-        embeds = values.new_zeros(batch, layout.n_slots, self.d_model).index_put((rows, slots), values)
         self.prompt_token_stats["samples"] += batch
         self.prompt_token_stats["tokens"] += int((layout.last + 1).sum()) + batch * self.prefix_ids.numel()
-        return embeds, layout
+        return values, (rows, slots), layout
 
     def slot_embeddings(
         self,
@@ -324,21 +336,38 @@ class Speeder(SequentialRecommender):
                 hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, n_prefix:]
         return hidden.float()
 
-    def _hidden_states(self, embeds: torch.Tensor, layout: PackedLayout, all_positions: bool) -> torch.Tensor:
-        """States read at every item's end ``[B, L, d]`` or at the prompt's end ``[B, d]``.
+    def _hidden_states(
+        self,
+        values: torch.Tensor,
+        where: tuple[torch.Tensor, torch.Tensor],
+        layout: PackedLayout,
+        all_positions: bool,
+    ) -> torch.Tensor:
+        """States read at every item's end ``[B, L, d]`` or at the prompt's end ``[B, d]``, from the prompts' real
+        tokens ``values`` at ``where = (row, slot)``.
 
         Rows run through the backbone in groups of similar prompt length (``length_bucket_*``), each cut to its
         own longest prompt: right padding never reaches a real token under the causal mask, so the states
-        are those of the whole padded batch, without computing the padding.
+        are those of the whole padded batch, without computing the padding. The groups' inputs are built side by
+        side in one buffer: a padded ``[B, N, d]`` batch would be mostly zeros (one 49-item history in a batch of
+        3-item ones makes every row 50 slots long).
         """
         prefix_kv = self._prefix_key_values() if self.prefix_cache and self.prefix_ids.numel() else None
         lengths = layout.last + 1
         reads = layout.item_end.clamp(min=0) if all_positions else layout.last.unsqueeze(1)
         groups = length_groups(lengths, self.length_bucket_tokens, self.length_bucket_padding)
+        shapes = [(len(rows), int(lengths[rows].max())) for rows in groups]
+        starts = [0]
+        row_start = torch.empty_like(lengths)  # where each row's first slot lies in the buffer
+        for rows, (n_rows, n_slots) in zip(groups, shapes, strict=True):
+            row_start[rows] = starts[-1] + n_slots * torch.arange(n_rows, device=lengths.device)
+            starts.append(starts[-1] + n_rows * n_slots)
+        rows, slots = where
+        buffer = values.new_zeros(starts[-1], self.d_model).index_put_((row_start[rows] + slots,), values)
         parts = []
-        for rows in groups:
-            hidden = self._run_backbone(embeds[rows, : int(lengths[rows].max())], prefix_kv)
-            parts.append(hidden.gather(1, reads[rows].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+        for group, start, shape in zip(groups, starts[:-1], shapes, strict=True):
+            hidden = self._run_backbone(buffer[start : start + shape[0] * shape[1]].view(*shape, -1), prefix_kv)
+            parts.append(hidden.gather(1, reads[group].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
         # one group is the batch in its own order; several come sorted by length and are put back
         states = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.cat(groups).argsort()]
         return states if all_positions else states[:, 0]
@@ -357,8 +386,8 @@ class Speeder(SequentialRecommender):
 
     def _states(self, item_seq, item_seq_len, timestamps, item_tokens, all_positions: bool) -> torch.Tensor:
         """The backbone's states before the user head, shaped like ``forward``'s output."""
-        embeds, layout = self._prompt_embeddings(item_seq, item_seq_len, timestamps, item_tokens)
-        return self._hidden_states(embeds, layout, all_positions)
+        values, where, layout = self._prompt_tokens(item_seq, item_seq_len, timestamps, item_tokens)
+        return self._hidden_states(values, where, layout, all_positions)
 
     def _inputs(self, interaction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         timestamps = interaction[self.time_list_field] if self.time_list_field in interaction else None
