@@ -42,19 +42,27 @@ def scoring(model, interaction, full: bool = True) -> Callable[[], None]:
     return score
 
 
-def paired_timings(tasks: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def paired_timings(
+    tasks: dict[str, Callable[[], None]], repeats: int, warmup: int = 1, settle: int = 0
+) -> dict[str, list[float]]:
     """Seconds per call of every task, ``repeats`` rounds, the tasks taking turns within each round.
 
     Turn-taking puts each model's i-th measurement next to the others' in time, so a load burst from another
-    process hits all of them alike; ``paired_ratio`` then compares them round by round. Warm-up calls (caches,
-    allocator, oneDNN kernel selection) are run first and not recorded.
+    process hits all of them alike; ``paired_ratio`` then compares them round by round. Every other round runs the
+    tasks in reverse order, so that none always runs first (after a warm-up, or after the largest model). Warm-up
+    calls (caches, allocator, oneDNN kernel selection) are run first and not recorded. With ``settle``, that many
+    untimed calls precede each timed one: a call right after another task's pays for that task's memory traffic
+    (its freed buffers returned to the OS, caches evicted), which RecBole's loop of the same call never does.
     """
     for task in tasks.values():
         for _ in range(warmup):
             task()
     times: dict[str, list[float]] = {name: [] for name in tasks}
-    for _ in range(repeats):
-        for name, task in tasks.items():
+    for round_ in range(repeats):
+        order = list(tasks.items())
+        for name, task in order if round_ % 2 == 0 else reversed(order):
+            for _ in range(settle):
+                task()
             start = time.perf_counter()
             task()
             times[name].append(time.perf_counter() - start)
