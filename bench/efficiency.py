@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--train_rows", type=int, default=None, help="training windows per step (default: train_batch_size, 256)"
     )
     parser.add_argument(
-        "--eval_users", type=int, default=None, help="users per inference batch (default: eval_batch_size, 256)"
+        "--eval_users", type=int, default=None, help="users per inference batch (default: eval_batch_size, 1024)"
     )
     parser.add_argument("--candidates", type=int, default=20, help="candidates per user, true item included")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (default 5)")
