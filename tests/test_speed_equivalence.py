@@ -133,9 +133,9 @@ def test_length_groups_read_the_states_of_the_padded_batch_through_one_backbone_
 def test_frozen_weights_kept_in_the_autocast_dtype_give_the_same_scores_loss_and_gradients(build):
     recast, train, valid = build(autocast_dtype="bfloat16", autocast_frozen_weights=False)
     stored, _, _ = build(autocast_dtype="bfloat16")
-    layers = [(n, p) for n, p in stored.llm.get_decoder().layers.named_parameters() if n.endswith("proj.weight")
-              or n.endswith("base_layer.weight")]
-    assert layers and all(p.dtype == torch.bfloat16 for _, p in layers)
+    decoder = stored.llm.get_decoder().layers.named_parameters()
+    frozen = [p for n, p in decoder if n.endswith(("proj.weight", "base_layer.weight"))]  # LoRA's A/B train
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     assert all(p.dtype == torch.float32 for p in recast.llm.parameters())
     assert stored.llm.get_input_embeddings().weight.dtype == torch.float32  # only the decoder layers' linears
     assert torch.equal(scores(recast, valid), scores(stored, valid))
