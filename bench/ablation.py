@@ -25,7 +25,7 @@ from recbole.utils import init_seed  # noqa: E402
 
 from bench.efficiency import check_data, quiet_config, shared_backbone  # noqa: E402
 from bench.measure import adam, median, paired_ratio, paired_timings, scoring, training_step  # noqa: E402
-from bench.report import command_line, machine_line, publish, run_cli  # noqa: E402
+from bench.report import command_line, machine_line, publish, run_cli, utc_now  # noqa: E402
 from bench.workload import build_workload  # noqa: E402
 from recbole_speeder.config import Config  # noqa: E402
 from recbole_speeder.errors import UsageError  # noqa: E402
@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     text = (
         "\n".join(
             [
-                f"### Ablation, {command_line()}",
+                f"### {utc_now()}, ablation",
+                "",
+                f"`{command_line()}`",
                 "",
                 f"Machine: {machine_line()}.",
                 "",

@@ -77,8 +77,13 @@ def table(rows: list[ModelRow]) -> str:
     return "\n".join(lines)
 
 
+def utc_now() -> str:
+    """When a run ended: the heading of its section in BENCHMARKS.md."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def section(settings: str, rows: list[ModelRow], ratios: dict[str, float], extra: str = "") -> str:
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = utc_now()
     ratio_text = ", ".join(f"{name} **{value:.1f}x**" for name, value in ratios.items())
     notes = [f"- {r.name}: {n}" for r in rows for n in r.notes]
     parts = [
