@@ -40,6 +40,16 @@ from recbole_speeder.errors import UsageError  # noqa: E402
 from recbole_speeder.utils import create_dataset, get_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# models whose configs agree on these share one backbone object; the model may store the frozen weights in its
+# autocast dtype, so the autocast keys are among them
+BACKBONE_KEYS = (
+    "backbone_path",
+    "backbone_layers",
+    "backbone_dtype",
+    "lora_r",
+    "autocast_dtype",
+    "autocast_frozen_weights",
+)
 PREPARE_HINT = (
     "python -m dataset_prep prepare --source generic --category Beauty "
     "--input ../shared/data/amazon_beauty/derived --out {data_path} --features text"
@@ -89,9 +99,7 @@ def shared_backbone() -> None:
 
     @functools.wraps(loader)
     def load_once(config):
-        # the model may store the frozen weights in its autocast dtype: models that autocast alike share them
-        keys = ("backbone_path", "backbone_layers", "backbone_dtype", "lora_r", "autocast_dtype")
-        key = tuple(str(config[k]) for k in (*keys, "autocast_frozen_weights"))
+        key = tuple(str(config[k]) for k in BACKBONE_KEYS)
         if key not in cache:
             cache[key] = loader(config)
         return cache[key]

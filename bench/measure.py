@@ -58,8 +58,8 @@ def paired_timings(
         for _ in range(warmup):
             task()
     times: dict[str, list[float]] = {name: [] for name in tasks}
+    order = list(tasks.items())
     for round_ in range(repeats):
-        order = list(tasks.items())
         for name, task in order if round_ % 2 == 0 else reversed(order):
             for _ in range(settle):
                 task()
