@@ -27,6 +27,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-lora": {"lora_r": 0},  # the LLM stays fully frozen
     "uniform-router": {"router": "uniform"},  # MRC averages the modality experts instead of a learned gate
     "no-mpo": {"mpo_stages": None},  # one stage training everything (no progressive MPO schedule)
+    "shuffled": {"backbone_init": "shuffled"},  # control: the backbone's weights permuted within each tensor
+    "random-init": {"backbone_init": "random"},  # control: the backbone architecture freshly initialised
     "generate": {"predict_mode": "generate", "train_all_positions": False},  # answers with one of N candidates
 }
 

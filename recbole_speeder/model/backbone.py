@@ -77,6 +77,41 @@ def _from_pretrained(path: str, dtype: torch.dtype, local_only: bool) -> tuple[n
     return model, tokenizer
 
 
+BACKBONE_INITS = ("pretrained", "shuffled", "random")
+
+
+def _shuffle_weights(model: nn.Module, seed: int) -> None:
+    """Permute the entries of every weight tensor with a seeded generator, in place.
+
+    The control for "does pretraining matter": each tensor keeps its multiset of values (scale, norms, signal
+    flow at initialisation) while everything learned from its arrangement is destroyed. Tied tensors are
+    permuted once (``named_parameters`` lists a shared tensor once).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            flat = param.data.view(-1)
+            flat.copy_(flat[torch.randperm(flat.numel(), generator=generator)])
+
+
+def _reinitialise(model: nn.Module, seed: int) -> nn.Module:
+    """The same architecture with its own fresh initialisation (``from_config``), seeded."""
+    dtype = next(model.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+
+
+def _apply_init(model: nn.Module, init: str, seed: int) -> nn.Module:
+    if init not in BACKBONE_INITS:
+        raise UsageError(f"backbone_init must be one of {list(BACKBONE_INITS)}, not '{init}'")
+    if init == "shuffled":
+        _shuffle_weights(model, seed)
+    elif init == "random":
+        model = _reinitialise(model, seed)
+    return model
+
+
 def _keep_first_layers(model: nn.Module, n_layers: int) -> None:
     """Drop decoder layers past the first ``n_layers``: a speed/quality knob, like early-exit LLM recs."""
     decoder = model.get_decoder()
@@ -131,6 +166,7 @@ def load_backbone(config) -> tuple[nn.Module, object]:
         model, tokenizer = _from_pretrained(path, dtype, bool(config["backbone_local_files_only"]))
     if config["backbone_layers"]:
         _keep_first_layers(model, int(config["backbone_layers"]))
+    model = _apply_init(model, config["backbone_init"] or "pretrained", int(config["seed"]))
     model.requires_grad_(False)
     if config["lora_r"]:
         model = _add_lora(model, config)
