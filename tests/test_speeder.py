@@ -175,3 +175,20 @@ def test_control_backbones_train_and_score(tiny_config, init):
     with torch.no_grad():
         scores = model.full_sort_predict(batch)
     assert torch.isfinite(scores[:, 1:]).all()
+
+
+def test_backbone_text_encoder_reads_items_with_the_llm_once_per_weights(tiny_config, tmp_path, monkeypatch):
+    from recbole_speeder.data import encoders
+
+    calls = []
+    encode = encoders.encode_texts_with_backbone
+    monkeypatch.setattr(encoders, "encode_texts_with_backbone", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    cache = str(tmp_path / "cache")
+    model, _, _ = build(tiny_config(text_encoder="backbone", feature_cache_dir=cache))
+    assert len(calls) == 1 and model.mrc.text_features.shape[1] == model.d_model
+    build(tiny_config(text_encoder="backbone", feature_cache_dir=cache))
+    assert len(calls) == 1  # the second model reads the cache
+    build(tiny_config(text_encoder="backbone", feature_cache_dir=cache, backbone_init="shuffled"))
+    assert len(calls) == 2  # other weights, other features
+    files = sorted(p.name for p in (tmp_path / "cache").rglob("*.text_emb.npz"))
+    assert len(files) == 2 and all(".backbone-" in f for f in files)

@@ -54,27 +54,54 @@ def _text_model(device: str) -> tuple[object, torch.nn.Module]:
 
 def encode_texts(texts: list[str], batch_size: int = 64, device: str = "cpu", show_progress: bool = True
                  ) -> np.ndarray:
-    """[N, 384] float32, L2-normalised mean-pooled MiniLM embeddings (the sentence-transformers recipe).
+    """[N, 384] float32, L2-normalised mean-pooled MiniLM embeddings (the sentence-transformers recipe)."""
+    if not texts:
+        return np.zeros((0, TEXT_DIM), dtype=np.float32)
+    tokenizer, model = _text_model(device)
+    return _mean_pooled(texts, tokenizer, model, TEXT_MAX_TOKENS, batch_size, device, "text embeddings", show_progress)
+
+
+def encode_texts_with_backbone(config, texts: list[str], batch_size: int = 64, device: str = "cpu",
+                               show_progress: bool = True) -> np.ndarray:
+    """[N, d_model] float32: each text read by every layer of the configured LLM backbone, mean-pooled.
+
+    The route for the LLM's own knowledge of an item's words to reach its soft token (``text_encoder:
+    backbone``): the LLM reads each item once, in its own language, and the text expert starts from that.
+    ``backbone_init`` applies, so the shuffled control encodes with shuffled weights too.
+    """
+    from recbole_speeder.model.backbone import load_frozen_lm
+
+    model, tokenizer = load_frozen_lm(config, None)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    decoder = model.get_decoder().to(device).eval()
+    return _mean_pooled(texts, tokenizer, decoder, int(config["max_item_text_tokens"]), batch_size, device,
+                        "backbone text embeddings", show_progress)
+
+
+def _mean_pooled(texts: list[str], tokenizer, model, max_tokens: int, batch_size: int, device: str, desc: str,
+                 show_progress: bool) -> np.ndarray:
+    """L2-normalised mean of the last hidden states over each text's tokens (the sentence-transformers recipe).
 
     Texts are batched by length so padding, which costs time but not accuracy, stays small.
     """
     import torch
 
-    out = np.zeros((len(texts), TEXT_DIM), dtype=np.float32)
-    if not texts:
-        return out
-    tokenizer, model = _text_model(device)
+    out: np.ndarray | None = None
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    with tqdm(total=len(texts), desc="text embeddings", unit="item", disable=not show_progress) as bar:
+    with tqdm(total=len(texts), desc=desc, unit="item", disable=not show_progress) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                              max_length=TEXT_MAX_TOKENS, return_tensors="pt").to(device)
+                              max_length=max_tokens, return_tensors="pt").to(device)
             with torch.inference_mode():
-                hidden = model(**batch).last_hidden_state
+                hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            out[rows] = torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
+            out[rows] = torch.nn.functional.normalize(pooled.float(), p=2, dim=1).cpu().numpy()
             bar.update(len(rows))
     return out
 

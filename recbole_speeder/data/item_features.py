@@ -69,8 +69,19 @@ def _cache_dir(config) -> Path:
     return Path.home() / ".cache" / "recbole_speeder" / config["dataset"]
 
 
+TEXT_ENCODERS = ("minilm", "backbone")
+
+
 def text_features(config, dataset, texts: list[str]) -> ItemFeatures:
-    """The text modality: a prepared feature file if one exists, else MiniLM over ``texts``, cached once."""
+    """The text modality: a prepared feature file if one exists, else MiniLM over ``texts``, cached once.
+
+    ``text_encoder: backbone`` reads the texts with the LLM backbone itself instead (cached per backbone).
+    """
+    encoder = config["text_encoder"] or "minilm"
+    if encoder not in TEXT_ENCODERS:
+        raise UsageError(f"text_encoder must be one of {list(TEXT_ENCODERS)}, not '{encoder}'")
+    if encoder == "backbone":
+        return _backbone_text_features(config, dataset, texts)
     id2token = dataset.field2id_token[dataset.iid_field]
     name = config["dataset"]
     explicit = config["text_feature_file"]
@@ -91,6 +102,28 @@ def text_features(config, dataset, texts: list[str]) -> ItemFeatures:
     embedding = encode_texts(texts, show_progress=config["show_progress"])
     tokens = [str(t) for t in id2token[1:]]
     save_item_features(cache, name, "text", tokens, embedding, encoder=AUTO_TEXT_ENCODER, source_sha256=sha)
+    return load_item_features(cached, id2token)
+
+
+def _backbone_text_features(config, dataset, texts: list[str]) -> ItemFeatures:
+    """Backbone-read text features, cached beside MiniLM's under a name that says which weights read them."""
+    from recbole_speeder.data.encoders import encode_texts_with_backbone
+
+    id2token = dataset.field2id_token[dataset.iid_field]
+    init = config["backbone_init"] or "pretrained"
+    weights = f"{config['backbone_path']}|{init}|{config['seed'] if init != 'pretrained' else ''}"
+    reader = f"backbone {weights} (all layers, mean-pooled, {config['max_item_text_tokens']} tokens)"
+    name = f"{config['dataset']}.backbone-{source_hash([reader])[:12]}"
+    cache = _cache_dir(config)
+    sha = source_hash([reader, *texts])
+    cached = feature_path(cache, name, "text")
+    if cached.is_file() and read_manifest(cache, name).get("text", {}).get("source_sha256") == sha:
+        return load_item_features(cached, id2token)
+    getLogger().info(f"encoding {len(texts)} item texts with the {reader}; cached in {cached}")
+    embedding = encode_texts_with_backbone(config, texts, device=str(config["device"]),
+                                           show_progress=config["show_progress"])
+    tokens = [str(t) for t in id2token[1:]]
+    save_item_features(cache, name, "text", tokens, embedding, encoder=reader, source_sha256=sha)
     return load_item_features(cached, id2token)
 
 

@@ -29,6 +29,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-mpo": {"mpo_stages": None},  # one stage training everything (no progressive MPO schedule)
     "shuffled": {"backbone_init": "shuffled"},  # control: the backbone's weights permuted within each tensor
     "random-init": {"backbone_init": "random"},  # control: the backbone architecture freshly initialised
+    "llm-text": {"text_encoder": "backbone"},  # the text expert reads each item's text as encoded by the LLM itself
     "generate": {"predict_mode": "generate", "train_all_positions": False},  # answers with one of N candidates
 }
 

@@ -153,8 +153,8 @@ def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> None:
             layer.bias.data = layer.bias.data.to(dtype)
 
 
-def load_backbone(config) -> tuple[nn.Module, object]:
-    """Build the causal LM named by the config: frozen, truncated and LoRA-wrapped as asked."""
+def load_frozen_lm(config, n_layers: int | None) -> tuple[nn.Module, object]:
+    """The configured causal LM (weights, ``backbone_init``), first ``n_layers`` decoder layers (None: all), frozen."""
     dtype_name = config["backbone_dtype"] or "float32"
     if dtype_name not in DTYPES:
         raise UsageError(f"backbone_dtype must be one of {sorted(DTYPES)}, not '{dtype_name}'")
@@ -164,10 +164,16 @@ def load_backbone(config) -> tuple[nn.Module, object]:
         model, tokenizer = _tiny_random(dtype)
     else:
         model, tokenizer = _from_pretrained(path, dtype, bool(config["backbone_local_files_only"]))
-    if config["backbone_layers"]:
-        _keep_first_layers(model, int(config["backbone_layers"]))
+    if n_layers:
+        _keep_first_layers(model, n_layers)
     model = _apply_init(model, config["backbone_init"] or "pretrained", int(config["seed"]))
     model.requires_grad_(False)
+    return model, tokenizer
+
+
+def load_backbone(config) -> tuple[nn.Module, object]:
+    """Build the causal LM named by the config: frozen, truncated and LoRA-wrapped as asked."""
+    model, tokenizer = load_frozen_lm(config, int(config["backbone_layers"] or 0) or None)
     if config["lora_r"]:
         model = _add_lora(model, config)
     return model, tokenizer
