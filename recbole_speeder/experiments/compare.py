@@ -1,4 +1,5 @@
-"""``--compare``: several models on one dataset, one split, one seed and one evaluation protocol.
+"""``--compare``: several models on one dataset, one split, one seed and one evaluation protocol (``--seeds``
+repeats it per seed: ``seeds.py``).
 
 Each model (or variant, see ``variants.py``) is trained in turn by :func:`runner.train_and_test` with fresh seeds
 and log handlers, validated on the configured valid protocol, and its best checkpoint tested twice: full ranking
@@ -57,10 +58,11 @@ def write_run_config(path: Path, config: dict, dataset: str) -> None:
     path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 
-def failed_row(variant: Variant, err: BaseException) -> dict:
+def failed_row(variant: Variant, err: BaseException, config: dict) -> dict:
+    """The row of a run that raised; its seed is the one ``config`` (what the command set) names, if any."""
     message = f"{type(err).__name__}: {err}".strip().splitlines()[0]
     return {"label": variant.label, "model": variant.model, "status": "failed", "error": message[:300],
-            "traceback": "".join(traceback.format_exception(err))}
+            "seed": config.get("seed"), "traceback": "".join(traceback.format_exception(err))}
 
 
 def run_compare(
@@ -70,18 +72,25 @@ def run_compare(
     cmd_args: list[str],
     results_dir: str | Path = "results",
     sampled_mode: str | None = "uni19",
+    out: Path | None = None,
+    command: str | None = None,
 ) -> Path:
-    """Train and test every variant; returns the folder holding results.{csv,json,md,png} and configs/."""
+    """Train and test every variant; returns the folder holding results.{csv,json,md,png} and configs/.
+
+    ``out`` (a new folder under ``<results_dir>/<dataset>/``, e.g. one seed's of ``--seeds``) replaces the
+    timestamped folder; ``command``, the command line as typed, heads the reports so they say how to rerun.
+    """
     sampled_mode = check_sampled_mode(sampled_mode)
     for path in config_files or []:
         if not Path(path).is_file():
             raise UsageError(f"config file {path} does not exist")
-    out = new_run_dir(results_dir, dataset)
-    (out / "configs").mkdir()
-    stamp = out.name
+    out = out or new_run_dir(results_dir, dataset)
+    (out / "configs").mkdir(parents=True)
+    run_name = out.relative_to(Path(results_dir) / dataset).as_posix()
     rows: list[dict] = []
-    meta = {"dataset": dataset, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "sampled_mode": sampled_mode,
-            "config_files": [str(Path(p).resolve()) for p in config_files or []], "overrides": cmd_args}
+    meta = {"dataset": dataset, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command,
+            "sampled_mode": sampled_mode, "config_files": [str(Path(p).resolve()) for p in config_files or []],
+            "overrides": cmd_args}
     print(f"Comparing {len(variants)} models on {dataset}; reports in {out}", flush=True)
     for i, variant in enumerate(variants, 1):
         title = f"compare {i}/{len(variants)}: {variant.label} on {dataset}"
@@ -94,7 +103,7 @@ def run_compare(
                 config_files,
                 dict(variant.overrides),
                 without_keys(cmd_args, variant.overrides),
-                checkpoint_subdir=f"compare-{dataset}-{stamp}/{variant.slug}",
+                checkpoint_subdir=f"compare-{dataset}-{run_name}/{variant.slug}",
                 sampled_mode=sampled_mode,
                 checked_keys=tuple(variant.overrides),
                 title=title,
@@ -106,10 +115,10 @@ def run_compare(
             raise
         except Exception as err:  # noqa: BLE001 - any failure of one model is its row; the others still run
             logger.debug("compare: %s failed", variant.label, exc_info=True)
-            row = failed_row(variant, err)
             shared = {k: parse_value(v) for k, v in override_keys(without_keys(cmd_args, variant.overrides)).items()}
-            write_run_config(config_path, {"model": variant.model, "dataset": dataset, **shared,
-                                           **variant.overrides}, dataset)
+            config = {"model": variant.model, "dataset": dataset, **shared, **variant.overrides}
+            row = failed_row(variant, err, config)
+            write_run_config(config_path, config, dataset)
             print(f"  {variant.label} failed: {row['error']}", flush=True)
         row["config_file"] = str(config_path.relative_to(out))
         rows.append(row)

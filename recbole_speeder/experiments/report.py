@@ -54,6 +54,7 @@ def flat_row(row: dict) -> dict:
         "model": row["label"],
         "status": row["status"],
         "error": row.get("error", ""),
+        "seed": row.get("seed"),
         "eval_split": row.get("eval_split"),
         "params_trainable": row.get("params_trainable"),
         "params_frozen": row.get("params_frozen"),
@@ -77,23 +78,25 @@ def write_compare_reports(out: Path, meta: dict, rows: list[dict]) -> None:
     described = {name: desc for row in ok_rows(rows) for name, desc in row["protocols"].items()}
     payload = {**meta, "protocols": described, "rows": rows}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
-    pd.DataFrame([flat_row(row) for row in rows]).to_csv(out / "results.csv", index=False)
+    table = pd.DataFrame([flat_row(row) for row in rows])
+    table["seed"] = table["seed"].astype("Int64")  # 2020, not 2020.0, beside a failed row that has no seed
+    table.to_csv(out / "results.csv", index=False)
     (out / "results.md").write_text(compare_markdown(meta, rows, described), encoding="utf-8")
     plot_compare(out / "results.png", meta, rows)
 
 
 # ---------------------------------------------------------------------------------------------- markdown
-def _cell(text) -> str:
+def md_cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _table(header: list[str], body: list[list[str]]) -> str:
+def md_table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in cells) + " |" for cells in body]
+    lines += ["| " + " | ".join(md_cell(c) for c in cells) + " |" for cells in body]
     return "\n".join(lines)
 
 
-def _number(value, digits: int = 4) -> str:
+def fmt_number(value, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
@@ -109,10 +112,10 @@ def metric_table(rows: list[dict], protocol: str) -> str:
         values = row["test"].get(protocol, {})
         cells = [f"`{row['label']}`"]
         for metric in metrics:
-            text = _number(values.get(metric))
+            text = fmt_number(values.get(metric))
             cells.append(f"**{text}**" if metric in best and values.get(metric) == best[metric] else text)
         body.append(cells)
-    return _table(["model"] + metrics, body)
+    return md_table(["model"] + metrics, body)
 
 
 def cost_table(rows: list[dict], names: list[str]) -> str:
@@ -129,22 +132,24 @@ def cost_table(rows: list[dict], names: list[str]) -> str:
         if row["status"] != "ok":
             body.append([f"`{row['label']}`", "failed"] + [""] * (len(header) - 2))
             continue
-        valid = _number(row["best_valid_score"])
+        valid = fmt_number(row["best_valid_score"])
         tokens = row["prompt_tokens_per_user"].get(FULL)
         body.append(
             [f"`{row['label']}`", "ok", f"**{valid}**" if row["best_valid_score"] == best_valid else valid,
              _count(row["params_trainable"]), _count(row["params_frozen"]), str(row["epochs"]),
-             _number(row["train_seconds"], 1)]
-            + [_number(row["eval_seconds"].get(name), 1) for name in names]
-            + [_number(tokens, 1) if tokens is not None else "-"]
+             fmt_number(row["train_seconds"], 1)]
+            + [fmt_number(row["eval_seconds"].get(name), 1) for name in names]
+            + [fmt_number(tokens, 1) if tokens is not None else "-"]
         )
-    return _table(header, body)
+    return md_table(header, body)
 
 
 def compare_markdown(meta: dict, rows: list[dict], described: dict[str, str]) -> str:
     names = protocols(rows)
     ok = ok_rows(rows)
     lines = [f"# {meta['dataset']}: comparison of {len(rows)} model(s) ({meta['created']})", ""]
+    if meta.get("command"):
+        lines += ["```bash", meta["command"], "```", ""]
     if ok:
         first = ok[0]
         lines += [
@@ -169,7 +174,7 @@ def compare_markdown(meta: dict, rows: list[dict], described: dict[str, str]) ->
               cost_table(rows, names), ""]
     failed = [row for row in rows if row["status"] != "ok"]
     if failed:
-        lines += ["## Failed", ""] + [f"- `{row['label']}`: {_cell(row['error'])}" for row in failed] + [""]
+        lines += ["## Failed", ""] + [f"- `{row['label']}`: {md_cell(row['error'])}" for row in failed] + [""]
     lines += ["## Configs", "", "Each run's config, replayable with `--config_files`:", ""]
     lines += [f"- `{row['label']}`: [{row['config_file']}]({row['config_file']})" for row in rows if
               row.get("config_file")]

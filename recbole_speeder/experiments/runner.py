@@ -44,6 +44,7 @@ class RunResult:
     """What one run measured; plain values only, so it can be written to json and sent between processes."""
 
     model: str
+    seed: int  # the config's seed: what a repeat over seeds varies (experiments/seeds.py)
     valid_metric: str
     valid_score_bigger: bool
     best_valid_score: float
@@ -208,6 +209,7 @@ def train_and_test(
                     tokens[name] = cost.per_user()["prompt_tokens"]
             return RunResult(
                 model=config["model"],
+                seed=int(config["seed"]),
                 valid_metric=config["valid_metric"],
                 valid_score_bigger=bool(config["valid_metric_bigger"]),
                 best_valid_score=float(best_valid_score),
