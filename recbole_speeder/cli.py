@@ -14,6 +14,7 @@ from recbole_speeder.trainer import NonFiniteLossError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train and evaluate Speeder or any RecBole model. Other --key=value flags set config keys.",
+        allow_abbrev=False,  # a config key must not be taken for a flag it abbreviates: --seed=7 is not --seeds
     )
     parser.add_argument("--model", "-m", default="Speeder", help="model name (Speeder, SASRec, BERT4Rec, ...)")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name, e.g. ml-100k, Amazon_Beauty")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         args, overrides = parse_args(argv)
         config_files = args.config_files.split() if args.config_files else None
         if wants_experiment(args):
-            return run_experiment(args, config_files, overrides)
+            return run_experiment(args, config_files, overrides, argv)
         from recbole_speeder.quick_start import run
 
         return run(

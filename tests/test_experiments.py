@@ -1,8 +1,10 @@
-"""--compare and --tune end to end on a 100-user slice of ml-100k, plus their parsers."""
+"""--compare (over --seeds) and --tune end to end on a 100-user slice of ml-100k, plus their parsers and the seed
+aggregation on synthetic results."""
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,11 @@ import recbole
 import torch
 import yaml
 
-from recbole_speeder.cli import main
+from recbole_speeder.cli import main, parse_args
 from recbole_speeder.config import Config
 from recbole_speeder.errors import UsageError
+from recbole_speeder.experiments import seeds
+from recbole_speeder.experiments.report import flat_row
 from recbole_speeder.experiments.runner import unknown_keys
 from recbole_speeder.experiments.search_space import parse_space
 from recbole_speeder.experiments.variants import VARIANTS, parse_compare
@@ -75,12 +79,20 @@ def test_shipped_search_spaces_parse_and_name_real_config_keys(tmp_path):
         parse_space(bad)
 
 
-def test_usage_mistakes_exit_2_with_one_line(capsys):
+def test_usage_mistakes_exit_2_with_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a case that wrongly ran would write log/ and results/ here, not in the checkout
+    args, overrides = parse_args(["--compare=SASRec", "--seed=7"])
+    assert args.seeds is None and overrides == ["--seed=7"]  # a config key, not an abbreviation of --seeds
     for argv, message in [
         (["--compare=SASRec", "--tune=sasrec.hyper"], "separate runs"),
         (["--model=SASRec", "--tune=sasrec.hyper", "--tune_search=bayes"], "--tune_search for ray"),
         (["--model=SASRec", "--tune=nothing.hyper"], "search space nothing.hyper not found"),
         (["--compare=SASRec[txet]"], "unknown variant"),
+        (["--seeds=2020,2021"], "give --compare too"),
+        (["--compare=SASRec", "--seeds=2020,x"], "comma-separated non-negative integers"),
+        (["--compare=SASRec", "--seeds=2020,2020"], "lists a seed twice"),
+        (["--compare=SASRec", "--seeds=2020,2021", "--seed=7"], "drop --seed"),
+        (["--compare=SASRec[seed=7]", "--seeds=2020,2021"], "drop seed= from SASRec[seed=7]"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv + TINY)
@@ -127,6 +139,117 @@ def test_compare_writes_tables_chart_and_configs_with_failed_rows(tmp_path, monk
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(out / "results.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+
+
+# ---------------------------------------------------------------------------------------------- --seeds
+def _comparison(folder: Path, seed: int | None, scores: dict[str, float | str], **config) -> Path:
+    """A --compare folder as run_compare writes it: one results.csv row per model (a str score: that model failed
+    with this error) and a config yaml per model; metrics derive from the score so that each differs."""
+    rows = []
+    (folder / "configs").mkdir(parents=True)
+    for label, score in scores.items():
+        row = {"label": label, "seed": seed, "config_file": f"configs/{label}.yaml"}
+        if isinstance(score, str):
+            row.update(status="failed", error=score)
+        else:
+            row.update(status="ok", eval_split="2b52d745c4", params_trainable=100, params_frozen=0, epochs=2,
+                       train_seconds=600 * score, eval_seconds={"full": 3 * score, "uni19": 9.0},
+                       valid_metric="NDCG@10", best_valid_score=score,
+                       test={"full": {"hit@1": score / 2, "hit@10": score * 2, "ndcg@10": score, "mrr@10": score / 3},
+                             "uni19": {"hit@1": 0.4 + score, "ndcg@10": 0.6 + score}})
+        rows.append(flat_row(row))
+        yaml.safe_dump({"model": label, "dataset": "ml-100k", "epochs": 2, **({"seed": seed} if seed else {}),
+                        **config}, (folder / row["config_file"]).open("w"))
+    pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
+    return folder
+
+
+def _aggregate(folders: list[Path], out: Path) -> pd.DataFrame:
+    seeds.main([*map(str, folders), "--out", str(out)])
+    return pd.read_csv(out / "seeds.csv", dtype={"seeds": str, "failed_seeds": str}).set_index("model")
+
+
+def test_seed_aggregate_is_the_mean_and_sample_std_of_each_column_over_finished_runs(tmp_path):
+    scores = {2020: {"Speeder": 0.031, "SASRec": 0.027, "BERT4Rec": 0.015},
+              2021: {"Speeder": 0.036, "SASRec": "RuntimeError: CUDA out of memory", "BERT4Rec": 0.012},
+              2022: {"Speeder": 0.029, "SASRec": 0.024, "BERT4Rec": 0.019}}
+    folders = [_comparison(tmp_path / f"run-{seed}", seed, row, gpu_id=seed % 2) for seed, row in scores.items()]
+    table = _aggregate(folders, tmp_path / "agg")
+
+    speeder = np.array([row["Speeder"] for row in scores.values()])
+    sasrec = np.array([0.027, 0.024])
+    for label, values in [("Speeder", speeder), ("SASRec", sasrec)]:
+        for column, factor in [("full/ndcg@10", 1), ("full/hit@10", 2), ("valid/ndcg@10", 1), ("train_s", 600)]:
+            np.testing.assert_allclose(table.loc[label, f"{column}:mean"], np.mean(values * factor), rtol=1e-12)
+            np.testing.assert_allclose(table.loc[label, f"{column}:std"], np.std(values * factor, ddof=1), rtol=1e-12)
+        np.testing.assert_allclose(table.loc[label, "uni19/hit@1:mean"], np.mean(0.4 + values), rtol=1e-12)
+    assert table.loc["SASRec", "params_trainable:std"] == 0 and table.loc["SASRec", "epochs:mean"] == 2
+    assert table[["n", "runs"]].values.tolist() == [[3, 3], [2, 3], [3, 3]]
+    assert table.loc["SASRec", "seeds"] == "2020 2022" and table.loc["SASRec", "failed_seeds"] == "2021"
+    assert not any(column.startswith(("seed:", "eval_split:")) for column in table)
+
+    markdown = (tmp_path / "agg" / "seeds.md").read_text()
+    assert markdown.splitlines()[3] == f"python -m recbole_speeder.experiments.seeds {' '.join(map(str, folders))} " \
+                                       f"--out {tmp_path / 'agg'}"
+    assert f"| `SASRec` | 2 of 3 | {sasrec.mean() / 2:.4f} ± {sasrec.std(ddof=1) / 2:.4f} |" in markdown
+    assert f"| {speeder.mean() * 10:.2f} ± {speeder.std(ddof=1) * 10:.2f} |" in markdown  # train minutes
+    assert "## Test, full" in markdown and "## Test, uni19" in markdown
+    assert "- `SASRec`, seed 2021: RuntimeError: CUDA out of memory" in markdown
+    assert "Fewer than 3 finished seeds** for `SASRec`:" in markdown
+    assert "- seed 2022: [../run-2022/results.md](../run-2022/results.md)" in markdown
+
+
+def test_seed_aggregator_refuses_inputs_that_are_not_one_experiment_at_several_seeds(tmp_path, capsys):
+    ok = [_comparison(tmp_path / f"ok-{seed}", seed, {"SASRec": 0.02 + seed / 1e5}) for seed in (1, 2)]
+    cases = [
+        ([ok[0], tmp_path / "empty"], "empty has no results.csv"),
+        ([ok[0], _comparison(tmp_path / "other", 3, {"BERT4Rec": 0.02})], "aggregate runs of one --compare list"),
+        ([ok[0], _comparison(tmp_path / "lr", 3, {"SASRec": 0.02}, learning_rate=0.01)],
+         "SASRec ran with different learning_rate in"),
+        ([ok[0], _comparison(tmp_path / "again", 1, {"SASRec": 0.03})], "both ran seed 1"),
+        ([ok[0], _comparison(tmp_path / "unseeded", None, {"SASRec": 0.03})], "no seed recorded"),
+    ]
+    (tmp_path / "empty").mkdir()
+    for folders, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            seeds.main([*map(str, folders), "--out", str(tmp_path / "agg")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "agg").exists()
+    # a folder from before results.csv had a seed column: its configs' seed stands in
+    old = pd.read_csv(ok[1] / "results.csv").drop(columns="seed")
+    old.to_csv(ok[1] / "results.csv", index=False)
+    assert _aggregate(ok, tmp_path / "agg").loc["SASRec", "seeds"] == "1 2"
+
+
+def test_compare_over_seeds_reports_each_seed_and_their_mean_and_std(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--compare=SASRec,NoSuchModel", "--seeds=2020,2021", *TINY, "--epochs=1",
+            f"--checkpoint_dir={tmp_path / 'saved'}", f"--results_dir={tmp_path / 'results'}"]
+    out = Path(main(argv)["results_dir"])
+    assert out.parent == tmp_path / "results" / "ml-100k"
+    runs = {seed: pd.read_csv(out / f"seed-{seed}" / "results.csv") for seed in (2020, 2021)}
+    for seed, table in runs.items():
+        assert table["seed"].tolist() == [seed, seed] and table["status"].tolist() == ["ok", "failed"]
+        assert yaml.safe_load((out / f"seed-{seed}" / "configs" / "SASRec.yaml").read_text())["seed"] == seed
+        assert list((tmp_path / "saved" / f"compare-ml-100k-{out.name}" / f"seed-{seed}" / "SASRec").glob("*.pth"))
+    metrics = [column for column in runs[2020] if column.startswith(("valid/", "full/", "uni19/"))]
+    values = np.array([runs[seed].loc[0, metrics].astype(float) for seed in (2020, 2021)])
+    assert (values[0] != values[1]).any()  # the seed changed the run
+
+    table = pd.read_csv(out / "seeds.csv", dtype={"seeds": str, "failed_seeds": str}).set_index("model")
+    assert table.loc["SASRec", ["n", "seeds"]].tolist() == [2, "2020 2021"]
+    for stat, expected in [("mean", values.mean(0)), ("std", values.std(0, ddof=1))]:
+        got = table.loc["SASRec", [f"{m}:{stat}" for m in metrics]].astype(float)
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert table.loc["NoSuchModel", ["n", "runs", "failed_seeds"]].tolist() == [0, 2, "2020 2021"]
+    markdown = (out / "seeds.md").read_text()
+    assert markdown.splitlines()[3] == f"python run_recbole_speeder.py {shlex.join(argv)}"  # copy-paste safe
+    assert "- `NoSuchModel`, seed 2021:" in markdown and "[seed-2021/results.md](seed-2021/results.md)" in markdown
+    assert "--seeds=2020,2021" in (out / "seed-2020" / "results.md").read_text()
+    # the standalone aggregator over the same folders writes the same table
+    again = _aggregate([out / "seed-2020", out / "seed-2021"], tmp_path / "again")
+    pd.testing.assert_frame_equal(again, table)
 
 
 # ---------------------------------------------------------------------------------------------- --tune

@@ -1,9 +1,10 @@
-"""The run script's ``--compare`` and ``--tune`` flags, and the dispatch to them (imports stay lazy: Ray and
-matplotlib load only when asked for)."""
+"""The run script's ``--compare`` (``--seeds``) and ``--tune`` flags, and the dispatch to them (imports stay lazy:
+Ray and matplotlib load only when asked for)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from recbole_speeder.errors import UsageError
 
@@ -14,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("experiments (docs/experiments.md)")
     group.add_argument("--compare", default=None,
                        help="models to compare on --dataset, e.g. 'Speeder,Speeder[text],SASRec,BERT4Rec'")
+    group.add_argument("--seeds", default=None,
+                       help="--compare: run it once per seed, e.g. 2020,2021,2022; reports per seed and mean ± std "
+                            "in seeds.md")
     group.add_argument("--sampled_eval", default="uni19",
                        help="--compare: second test protocol beside full ranking (uniN or popN), or none")
     group.add_argument("--results_dir", default="results", help="where --compare and --tune write their reports")
@@ -39,21 +43,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def wants_experiment(args: argparse.Namespace) -> bool:
-    return bool(args.compare or args.tune)
+    return bool(args.compare or args.tune or args.seeds)
 
 
-def run_experiment(args: argparse.Namespace, config_files: list[str] | None, overrides: list[str]) -> dict:
-    """Run ``--compare`` or ``--tune``; returns where the reports are (and, for a sweep, the best trial)."""
+def run_experiment(
+    args: argparse.Namespace, config_files: list[str] | None, overrides: list[str], argv: list[str]
+) -> dict:
+    """Run ``--compare`` (over ``--seeds``) or ``--tune``; returns where the reports are (and, for a sweep, the
+    best trial). ``argv``, the command line as typed, heads the comparison reports."""
     if args.compare and args.tune:
         raise UsageError("--compare and --tune are separate runs: give one of them")
+    if args.seeds and not args.compare:
+        raise UsageError("--seeds repeats a comparison: give --compare too")
     if args.nproc != 1 or args.world_size > 0:
         raise UsageError("--compare and --tune run one process per model or trial: drop --nproc / --world_size")
     if args.compare:
         from recbole_speeder.experiments.compare import run_compare
+        from recbole_speeder.experiments.seeds import parse_seeds, run_seeds
         from recbole_speeder.experiments.variants import parse_compare
 
-        out = run_compare(parse_compare(args.compare), args.dataset, config_files, overrides,
-                          results_dir=args.results_dir, sampled_mode=args.sampled_eval)
+        variants = parse_compare(args.compare)
+        command = f"python run_recbole_speeder.py {shlex.join(argv)}"
+        shared = {"results_dir": args.results_dir, "sampled_mode": args.sampled_eval, "command": command}
+        if args.seeds:
+            out = run_seeds(variants, args.dataset, config_files, overrides, parse_seeds(args.seeds), **shared)
+        else:
+            out = run_compare(variants, args.dataset, config_files, overrides, **shared)
         return {"results_dir": str(out)}
     from recbole_speeder.experiments.tune import SweepOptions, run_sweep
 
