@@ -63,10 +63,18 @@ def paired_timings(
         for name, task in order if round_ % 2 == 0 else reversed(order):
             for _ in range(settle):
                 task()
+            _synchronize()
             start = time.perf_counter()
             task()
+            _synchronize()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def _synchronize() -> None:
+    """GPU work is queued asynchronously: a timed call ends when the device has finished it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def median(values: list[float]) -> float:
