@@ -13,6 +13,7 @@ RecBole's own keys outside those files are left to RecBole (whose errors ``Confi
 
 from __future__ import annotations
 
+import argparse
 import ast
 import math
 import re
@@ -166,6 +167,18 @@ def parse_value(text: str) -> Any:
     if word in ("~", "null"):
         return None
     return text
+
+
+def cli_type(key: Key) -> Callable[[str], Any]:
+    """An argparse ``type=`` that reads a flag as ``key`` reads a config value, with the same wording."""
+
+    def convert(text: str) -> Any:
+        try:
+            return key.check("", parse_value(text))
+        except UsageError:
+            raise argparse.ArgumentTypeError(key.mismatch(text)) from None
+
+    return convert
 
 
 # ---------------------------------------------------------------------------------------------- rules

@@ -6,17 +6,22 @@ test_docs.py.
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from recbole_speeder.cli import main
 from recbole_speeder.config import Config
-from recbole_speeder.config_schema import SCHEMA, Key, parse_value
+from recbole_speeder.config_schema import SCHEMA, Key, cli_type, parse_value
 from recbole_speeder.errors import UsageError
 from recbole_speeder.resources import properties_dir
 
+from .conftest import REPO
 from .test_plugin import run_script
 
 PROPS = properties_dir()
@@ -107,9 +112,15 @@ def test_a_bad_value_exits_2_with_one_line_naming_the_key_before_data_loads(no_d
       "--mrc_tokens=abc"], "error: mrc_tokens: expected an integer >= 1, got 'abc'"),
     (["run_recbole_speeder.py", "--model=Speeder", "--dataset=ml-100k", "--modalities=[text,audio]"],
      "error: modalities: expected a non-empty list of text, image, id, got '[text,audio]'"),
-], ids=["run-script-mrc_tokens", "run-script-modalities"])
+    (["-m", "dataset_prep", "prepare", "--source=2014", "--out=x", "--kcore=-1"],
+     "error: argument --kcore: expected an integer >= 0, got '-1'"),
+], ids=["run-script-mrc_tokens", "run-script-modalities", "dataset_prep-kcore"])
 def test_the_real_commands_print_one_line_and_no_traceback(tmp_path, command, message):
-    done = run_script(*command[1:], cwd=tmp_path)
+    if command[0].endswith(".py"):
+        done = run_script(*command[1:], cwd=tmp_path)
+    else:
+        done = subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 2
     assert done.stderr.startswith(message) and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert list(tmp_path.iterdir()) == []  # no log/, saved/ or dataset folder
@@ -130,6 +141,14 @@ def test_recbole_and_config_file_mistakes_are_one_line_too(tmp_path):
         assert "\n" not in str(err.value)
 
 
+def test_run_script_flags_are_checked_like_config_values(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--nproc=0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: argument --nproc: expected an integer >= 1, got '0'")
+
+
+# ---------------------------------------------------------------------------------------------- good values
 def test_command_line_lists_read_bare_words_python_literals_and_single_items():
     def config(*args: str, model: str = "Speeder") -> Config:
         return Config(model, "ml-100k", cmd_args=list(args))
@@ -175,6 +194,11 @@ def test_key_types_are_strict_where_python_is_loose():
     assert Key(list, choices=("a", "b")).check("k", ("b", "a")) == ["b", "a"]  # hyperopt hands tuples
     with pytest.raises(UsageError, match=r"got '\[a'"):
         Key(list).check("k", "[a")  # not valid yaml: never a one-item list of '[a'
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=cli_type(Key(int, minimum=1)))
+    assert parser.parse_args(["--n=3"]).n == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--n=0"])
 
 
 # ---------------------------------------------------------------------------------------------- ties to the yaml
