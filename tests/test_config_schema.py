@@ -126,6 +126,17 @@ def test_the_real_commands_print_one_line_and_no_traceback(tmp_path, command, me
     assert list(tmp_path.iterdir()) == []  # no log/, saved/ or dataset folder
 
 
+def test_distributed_runs_check_the_config_before_spawning_ranks(no_data, capsys, monkeypatch):
+    import torch.multiprocessing
+
+    monkeypatch.setattr(torch.multiprocessing, "spawn", lambda *args, **kwargs: pytest.fail("ranks were spawned"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model=Speeder", "--dataset=ml-100k", "--nproc=2", "--mrc_tokens=abc"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: mrc_tokens: expected an integer >= 1, got 'abc'\n"
+    assert not (no_data / "log").exists()
+
+
 def test_recbole_and_config_file_mistakes_are_one_line_too(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: [1\n")
@@ -139,6 +150,16 @@ def test_recbole_and_config_file_mistakes_are_one_line_too(tmp_path):
         with pytest.raises(UsageError, match=re.escape(message)) as err:
             Config("Speeder", "ml-100k", **kwargs)
         assert "\n" not in str(err.value)
+
+
+def test_compare_checks_every_model_before_the_first_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--compare=SASRec,NoSuchModel,Speeder[mrc_tokens=0]", "--dataset=ml-100k", "--results_dir=results"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == "error: Speeder[mrc_tokens=0]: mrc_tokens: expected an integer >= 1, got 0\n"
+    assert not (tmp_path / "results").exists() and not (tmp_path / "log").exists()
 
 
 def test_run_script_flags_are_checked_like_config_values(capsys):
