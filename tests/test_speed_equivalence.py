@@ -36,7 +36,8 @@ def data(tmp_path_factory):
     from recbole_speeder.config import Config
 
     folder = tmp_path_factory.mktemp("speed")
-    config = Config("Speeder", "ml-100k", config_dict={**BASE, "modalities": ["id"]})
+    # loads the data only; an ID-only config needs a schedule without the text-only MPO stage
+    config = Config("Speeder", "ml-100k", config_dict={**BASE, "modalities": ["id"], "mpo_stages": None})
     dataset = create_dataset(config)
     tokens = [str(t) for t in dataset.field2id_token["item_id"][1:]]
     embedding = np.random.default_rng(0).normal(size=(len(tokens), 24)).astype(np.float32)
