@@ -13,7 +13,8 @@ from dataset_prep.errors import DatasetPrepError
 from dataset_prep.features import MODALITIES, FeatureOptions, build_features
 from dataset_prep.prepare import DATASETS, PrepOptions, ensure_dataset, prepare_dataset
 from dataset_prep.readers import RELEASES, AmazonReader, GenericReader, Reader
-from recbole_speeder.errors import UsageError
+from recbole_speeder.config_schema import Key, cli_type
+from recbole_speeder.errors import ArgumentParser, UsageError
 
 EXAMPLES = """examples:
   python -m dataset_prep prepare --source 2014 --category Beauty --input raw/ --out dataset/
@@ -38,24 +39,27 @@ def _feature_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--features", type=_modalities, default=MODALITIES, metavar="LIST",
                        help="modalities to encode: text,image (default), text, or none; image needs URLs")
     group.add_argument("--device", default="cpu", help="torch device for the encoders (default cpu)")
-    group.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default 64)")
+    group.add_argument("--batch-size", type=cli_type(Key(int, minimum=1)), default=64,
+                       help="encoder batch size (default 64)")
     group.add_argument("--offline", action="store_true", help="never touch the network: cached images only")
     group.add_argument("--image-cache", type=Path,
                        help="image download folder (default <out>/<Dataset>/images)")
-    group.add_argument("--workers", type=int, default=16, help="concurrent image downloads (default 16)")
+    group.add_argument("--workers", type=cli_type(Key(int, minimum=1)), default=16,
+                       help="concurrent image downloads (default 16)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _prep_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kcore", type=int, default=5, help="minimum interactions per user and item, "
-                        "applied until nothing changes (default 5; 0 or 1 disables)")
+    parser.add_argument("--kcore", type=cli_type(Key(int, minimum=0)), default=5,
+                        help="minimum interactions per user and item, applied until nothing changes "
+                        "(default 5; 0 or 1 disables)")
     parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                         help="malformed raw lines: report file:line and skip them (counted), or stop "
                         "(default skip)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m dataset_prep", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Turn Amazon review files into RecBole atomic files (.inter, .item) plus item feature "
                     "files for recbole-speeder.")

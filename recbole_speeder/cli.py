@@ -6,24 +6,26 @@ import argparse
 import sys
 from logging import getLogger
 
-from recbole_speeder.errors import UsageError
+from recbole_speeder.config_schema import Key, cli_type
+from recbole_speeder.errors import ArgumentParser, UsageError
 from recbole_speeder.experiments.commands import add_arguments, run_experiment, wants_experiment
 from recbole_speeder.trainer import NonFiniteLossError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train and evaluate Speeder or any RecBole model. Other --key=value flags set config keys.",
         allow_abbrev=False,  # a config key must not be taken for a flag it abbreviates: --seed=7 is not --seeds
     )
     parser.add_argument("--model", "-m", default="Speeder", help="model name (Speeder, SASRec, BERT4Rec, ...)")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name, e.g. ml-100k, Amazon_Beauty")
     parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
-    parser.add_argument("--nproc", type=int, default=1, help="processes on this node")
+    parser.add_argument("--nproc", type=cli_type(Key(int, minimum=1)), default=1, help="processes on this node")
     parser.add_argument("--world_size", type=int, default=-1, help="total processes over all nodes")
     parser.add_argument("--ip", default="localhost", help="master address")
     parser.add_argument("--port", default="5678", help="master port")
-    parser.add_argument("--group_offset", type=int, default=0, help="global rank of this node's first process")
+    parser.add_argument("--group_offset", type=cli_type(Key(int, minimum=0)), default=0,
+                        help="global rank of this node's first process")
     add_arguments(parser)  # --compare, --tune and their options
     return parser
 

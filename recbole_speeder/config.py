@@ -2,17 +2,35 @@
 
 Layering, later wins: RecBole's own defaults, then ``properties/overall.yaml``,
 ``properties/model/<Model>.yaml``, ``properties/dataset/<Dataset>.yaml``, then the user's config files,
-config dict and command line (RecBole's order).
+config dict and command line (RecBole's order). The merged values are checked against ``config_schema.SCHEMA``
+before RecBole derives anything from them; every mistake, RecBole's own checks included, is one UsageError line.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_speeder.compat import apply_compat
+from recbole_speeder.config_schema import check_config, parse_value
+from recbole_speeder.errors import UsageError
 from recbole_speeder.metrics import register_metrics
 from recbole_speeder.resources import properties_dir
 from recbole_speeder.utils import get_model
+
+
+@contextmanager
+def _recbole_checks() -> Iterator[None]:
+    """RecBole's own config checks raise ValueError & co. with a message that names the value: one line too."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
+        raise UsageError(" ".join(str(err).split())) from None
 
 
 class Config(RecBoleConfig):
@@ -36,15 +54,32 @@ class Config(RecBoleConfig):
         super().__init__(model, dataset, config_file_list, config_dict)
 
     def _load_cmd_line(self) -> dict:
+        """``--key=value`` flags, each value read by ``parse_value`` (literals, never RecBole's ``eval``)."""
         cmd_config_dict = {}
         for arg in self._cmd_args:
             name, sep, value = arg[2:].partition("=")
             if not arg.startswith("--") or not sep:
                 continue
             if cmd_config_dict.get(name, value) != value:
-                raise SyntaxError(f"command line arg '{name}' is given twice with different values")
+                raise UsageError(f"--{name} is given twice with different values")
             cmd_config_dict[name] = value
-        return self._convert_config_dict(cmd_config_dict)
+        return {name: parse_value(value) for name, value in cmd_config_dict.items()}
+
+    def _load_config_files(self, file_list: list[str] | None) -> dict:
+        """RecBole's reading of ``--config_files``, with a missing, malformed or empty file as one line."""
+        values: dict = {}
+        for file in file_list or []:
+            try:
+                with open(file, encoding="utf-8") as f:
+                    loaded = yaml.load(f, Loader=self.yaml_loader)
+            except OSError as err:
+                raise UsageError(f"config file {file}: {err.strerror}") from None
+            except yaml.YAMLError as err:
+                raise UsageError(f"config file {file} is not valid yaml: {' '.join(str(err).split())}") from None
+            if not isinstance(loaded, dict):
+                raise UsageError(f"config file {file} must hold 'key: value' lines, not {type(loaded).__name__}")
+            values.update(loaded)
+        return values
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:
@@ -63,6 +98,22 @@ class Config(RecBoleConfig):
         if dataset_file.is_file():
             added = self._update_internal_config_dict(str(dataset_file)) or {}
             self.parameters["Dataset"] += [k for k in added if k not in self.parameters["Dataset"]]
+
+    def _set_default_parameters(self):
+        """Check every declared key (RecBole derives its settings from the merged values here), then RecBole's."""
+        values = check_config(self.final_config_dict)
+        self.final_config_dict.update(values)
+        self.external_config_dict.update({k: values[k] for k in values.keys() & self.external_config_dict.keys()})
+        with _recbole_checks():
+            super()._set_default_parameters()
+
+    def _set_train_neg_sample_args(self):
+        with _recbole_checks():
+            super()._set_train_neg_sample_args()
+
+    def _set_eval_neg_sample_args(self, phase: str):
+        with _recbole_checks():
+            super()._set_eval_neg_sample_args(phase)
 
     def _init_device(self):
         # RecBole's distributed branch hard-codes NCCL and cuda:<local_rank>: CPU ranks (gloo) could not start.

@@ -18,9 +18,6 @@ import numpy as np
 from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
 from recbole.utils import set_color
 
-from recbole_speeder.errors import UsageError
-
-CANDIDATE_SEEDING = ("seeded", "recbole")
 PHASE_IDS = {"train": 0, "valid": 1, "test": 2}
 
 
@@ -59,10 +56,7 @@ def is_sampled(loader) -> bool:
 
 def seed_eval_candidates(config, *loaders) -> None:
     """Make the sampled evaluation loaders draw per-user seeded candidates (``eval_candidates: seeded``)."""
-    seeding = config["eval_candidates"] or "seeded"
-    if seeding not in CANDIDATE_SEEDING:
-        raise UsageError(f"eval_candidates must be one of {CANDIDATE_SEEDING}, not '{seeding}'")
-    if seeding == "recbole":
+    if config["eval_candidates"] == "recbole":
         return
     for loader in loaders:
         if is_sampled(loader) and not isinstance(loader._sampler, SeededCandidateSampler):

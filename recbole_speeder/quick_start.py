@@ -40,6 +40,7 @@ def run(
         {"world_size": world_size if world_size > 0 else nproc, "ip": ip, "port": port, "nproc": nproc,
          "offset": group_offset}
     )
+    Config(model, dataset, config_file_list, config_dict, cmd_args=cmd_args)  # a bad value: one line, not one per rank
     kwargs = {"config_dict": config_dict, "queue": queue, "cmd_args": cmd_args, "saved": saved}
     os.makedirs(os.path.join("log", model), exist_ok=True)  # RecBole's init_logger creates it racily in every rank
     mp.spawn(_run_rank, args=(model, dataset, config_file_list, kwargs), nprocs=nproc, join=True)

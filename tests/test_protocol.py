@@ -293,7 +293,7 @@ def test_score_mode_predict_runs_one_prompt_per_user_and_agrees_with_full_sort(t
 
 def test_protocol_mistakes_are_one_line_usage_errors(toy_dict):
     generate = {"predict_mode": "generate", "train_all_positions": False}
-    with pytest.raises(UsageError, match="predict_mode must be one of"):
+    with pytest.raises(UsageError, match="predict_mode: expected one of score, generate"):
         build("Speeder", toy_dict, predict_mode="beam")
     with pytest.raises(UsageError, match="train_all_positions: False"):
         build("Speeder", toy_dict, predict_mode="generate")
@@ -301,5 +301,5 @@ def test_protocol_mistakes_are_one_line_usage_errors(toy_dict):
         build("Speeder", toy_dict, eval_batch_size=10, **generate)
     with pytest.raises(UsageError, match="letters has 26 labels"):
         build("Speeder", toy_dict, eval_args={**toy_dict["eval_args"], "mode": "uni29"}, **generate)
-    with pytest.raises(UsageError, match="eval_candidates must be one of"):
+    with pytest.raises(UsageError, match="eval_candidates: expected one of seeded, recbole"):
         build("SASRec", toy_dict, eval_candidates="fixed")

@@ -69,18 +69,12 @@ def _cache_dir(config) -> Path:
     return Path.home() / ".cache" / "recbole_speeder" / config["dataset"]
 
 
-TEXT_ENCODERS = ("minilm", "backbone")
-
-
 def text_features(config, dataset, texts: list[str]) -> ItemFeatures:
     """The text modality: a prepared feature file if one exists, else MiniLM over ``texts``, cached once.
 
     ``text_encoder: backbone`` reads the texts with the LLM backbone itself instead (cached per backbone).
     """
-    encoder = config["text_encoder"] or "minilm"
-    if encoder not in TEXT_ENCODERS:
-        raise UsageError(f"text_encoder must be one of {list(TEXT_ENCODERS)}, not '{encoder}'")
-    if encoder == "backbone":
+    if config["text_encoder"] == "backbone":
         return _backbone_text_features(config, dataset, texts)
     id2token = dataset.field2id_token[dataset.iid_field]
     name = config["dataset"]
@@ -110,7 +104,7 @@ def _backbone_text_features(config, dataset, texts: list[str]) -> ItemFeatures:
     from recbole_speeder.data.encoders import encode_texts_with_backbone
 
     id2token = dataset.field2id_token[dataset.iid_field]
-    init = config["backbone_init"] or "pretrained"
+    init = config["backbone_init"]
     weights = f"{config['backbone_path']}|{init}|{config['seed'] if init != 'pretrained' else ''}"
     reader = f"backbone {weights} (all layers, mean-pooled, {config['max_item_text_tokens']} tokens)"
     name = f"{config['dataset']}.backbone-{source_hash([reader])[:12]}"

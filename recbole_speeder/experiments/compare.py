@@ -5,7 +5,8 @@ Each model (or variant, see ``variants.py``) is trained in turn by :func:`runner
 and log handlers, validated on the configured valid protocol, and its best checkpoint tested twice: full ranking
 and a sampled candidate list (``uni19`` by default). The reports in ``<results_dir>/<dataset>/<timestamp>/`` are
 rewritten after every model, so an interrupted comparison keeps what finished; a model that fails becomes a
-row with its error and the others still run.
+row with its error and the others still run. A config value that a model's config rejects stops the comparison
+before anything trains.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import yaml
 
+from recbole_speeder.config import Config
+from recbole_speeder.config_schema import parse_value
 from recbole_speeder.errors import UsageError
 from recbole_speeder.experiments import report
 from recbole_speeder.experiments.runner import check_sampled_mode, train_and_test
-from recbole_speeder.experiments.values import parse_value
 from recbole_speeder.experiments.variants import Variant
+from recbole_speeder.utils import get_model
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,21 @@ def without_keys(cmd_args: list[str], keys) -> list[str]:
     """The command-line overrides minus ``keys`` (which something more specific sets)."""
     keys = set(keys)
     return [arg for arg in cmd_args if arg[2:].split("=", 1)[0] not in keys]
+
+
+def check_configs(variants: list[Variant], dataset: str, config_files: list[str] | None, cmd_args: list[str]) -> None:
+    """Build every model's config before the first one trains, so a bad value stops the comparison at once
+    instead of failing its row after the models before it have trained. An unknown model still fails its row."""
+    for variant in variants:
+        try:
+            get_model(variant.model)
+        except UsageError:
+            continue
+        try:
+            Config(variant.model, dataset, config_files, dict(variant.overrides),
+                   cmd_args=without_keys(cmd_args, variant.overrides))
+        except UsageError as err:
+            raise UsageError(f"{variant.label}: {err}") from None
 
 
 def write_run_config(path: Path, config: dict, dataset: str) -> None:
@@ -84,6 +102,7 @@ def run_compare(
     for path in config_files or []:
         if not Path(path).is_file():
             raise UsageError(f"config file {path} does not exist")
+    check_configs(variants, dataset, config_files, cmd_args)
     out = out or new_run_dir(results_dir, dataset)
     (out / "configs").mkdir(parents=True)
     run_name = out.relative_to(Path(results_dir) / dataset).as_posix()

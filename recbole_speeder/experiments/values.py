@@ -1,26 +1,10 @@
-"""Config values written as text (``--compare`` variants, ``.hyper`` files) and back to plain yaml types."""
+"""Config values as plain yaml / json types (what sweeps hand to trials and write into their reports)."""
 
 from __future__ import annotations
 
-import ast
 from typing import Any
 
 import numpy as np
-import yaml
-
-
-def parse_value(text: str) -> Any:
-    """A Python literal (``1e-3``, ``[1, 2]``, ``'a'``) like RecBole's command line, else yaml (``true``,
-    ``[text, id]``), else the text itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        pass
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return text if value is None and text.strip().lower() not in ("~", "null", "none") else value
 
 
 def plain(value: Any) -> Any:

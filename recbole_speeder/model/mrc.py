@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODALITIES = ("text", "image", "id")
-ROUTERS = ("learned", "uniform")
+from recbole_speeder.config_schema import MODALITIES
 
 
 class FeatureExpert(nn.Module):
@@ -69,11 +68,6 @@ class MixtureOfModalityExperts(nn.Module):
         id_dim: int = 64,
     ):
         super().__init__()
-        if router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, not '{router}'")
-        unknown = set(modalities) - set(MODALITIES)
-        if unknown:
-            raise ValueError(f"unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
         missing = [m for m in modalities if m != "id" and m not in features]
         if missing:
             raise ValueError(f"modalities {missing} are configured but the dataset has no features for them")

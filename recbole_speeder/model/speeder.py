@@ -22,9 +22,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from recbole_speeder.data.item_features import build_item_features, item_texts
-from recbole_speeder.errors import UsageError
 from recbole_speeder.model.backbone import load_backbone, store_frozen_linears_in
-from recbole_speeder.model.generative import PREDICT_MODES, GenerativeAnswerer, distinct_histories
+from recbole_speeder.model.generative import GenerativeAnswerer, distinct_histories
 from recbole_speeder.model.mrc import MixtureOfModalityExperts
 from recbole_speeder.model.prompt import (
     PackedLayout,
@@ -36,18 +35,14 @@ from recbole_speeder.model.prompt import (
 )
 from recbole_speeder.model.spae import SequentialPositionAwareness
 
-ITEM_REPRS = ("mrc", "text")
-SIMILARITIES = ("cos", "dot")
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def autocast_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype that ``autocast_dtype: name`` means on ``device``; None is full float32.
 
     ``auto`` is bfloat16 only where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or
     AMX): there bf16 matmuls are ~3x float32 on CPU; elsewhere bf16 is emulated and slower than float32.
     """
-    if not name or name == "float32":
+    if name == "float32":
         return None
     if name == "auto":
         if device.type == "cuda":
@@ -56,9 +51,7 @@ def autocast_dtype(name: str | None, device: torch.device) -> torch.dtype | None
             cpu = torch.cpu
             native = device.type == "cpu" and (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
         return torch.bfloat16 if native else None
-    if name not in AUTOCAST_DTYPES:
-        raise UsageError(f"autocast_dtype must be auto, float32, {' or '.join(AUTOCAST_DTYPES)}, or ~; not '{name}'")
-    return AUTOCAST_DTYPES[name]
+    return getattr(torch, name)  # bfloat16 or float16 (config_schema.AUTOCAST_DTYPES)
 
 
 def _outside_inference_mode(scores: torch.Tensor) -> torch.Tensor:
@@ -73,13 +66,7 @@ class Speeder(SequentialRecommender):
         super().__init__(config, dataset)
         self.item_repr = config["item_repr"]
         self.similarity = config["similarity"]
-        if self.item_repr not in ITEM_REPRS:
-            raise UsageError(f"item_repr must be one of {ITEM_REPRS}, not '{self.item_repr}'")
-        if self.similarity not in SIMILARITIES:
-            raise UsageError(f"similarity must be one of {SIMILARITIES}, not '{self.similarity}'")
         self.train_all_positions = bool(config["train_all_positions"])
-        if self.train_all_positions and config["prompt_suffix"]:
-            raise UsageError("prompt_suffix needs train_all_positions: False (every position is read at its item)")
         self.temperature = float(config["temperature"])
         self.prefix_cache = bool(config["prefix_cache"])
         self.item_chunk_size = int(config["item_chunk_size"])
@@ -149,9 +136,7 @@ class Speeder(SequentialRecommender):
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.prompt_token_stats = {"samples": 0, "tokens": 0}
         # predict_mode: generate (model/generative.py) lists N candidates in the prompt and decodes an answer
-        self.predict_mode = config["predict_mode"] or "score"
-        if self.predict_mode not in PREDICT_MODES:
-            raise UsageError(f"predict_mode must be one of {PREDICT_MODES}, not '{self.predict_mode}'")
+        self.predict_mode = config["predict_mode"]
         generate = self.predict_mode == "generate"
         self.generative = GenerativeAnswerer(config, dataset, tokenizer, self.item_repr) if generate else None
 

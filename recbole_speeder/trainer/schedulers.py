@@ -7,16 +7,10 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from recbole_speeder.errors import UsageError
-
-SCHEDULERS = ("constant", "linear", "cosine")
-
 
 def build_scheduler(optimizer: Optimizer, name: str, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then constant, linear decay to 0, or cosine decay to 0."""
-    name = str(name or "constant")
-    if name not in SCHEDULERS:
-        raise UsageError(f"lr_scheduler must be one of {SCHEDULERS}, not '{name}'")
+    """Linear warm-up over ``warmup_steps``, then constant, linear decay to 0, or cosine decay to 0
+    (``config_schema.LR_SCHEDULERS``)."""
     warmup = max(int(warmup_steps or 0), 0)
     total = max(int(total_steps), 1)
 

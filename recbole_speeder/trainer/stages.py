@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from logging import getLogger
 
+from recbole_speeder.config_schema import MODALITIES
 from recbole_speeder.errors import UsageError
-from recbole_speeder.model.mrc import MODALITIES
 
 GROUPS = ("mrc", "spae", "head", "lora")
 STAGE_KEYS = ("name", "modalities", "train", "epochs", "learning_rate")
@@ -91,11 +91,14 @@ def _names(values, index: int, key: str, allowed: Sequence[str]) -> tuple[str, .
     return tuple(dict.fromkeys(values))
 
 
-def parse_stages(spec, *, epochs: int, learning_rate: float, modalities: Sequence[str]) -> list[Stage]:
+def parse_stages(
+    spec, *, epochs: int, learning_rate: float, modalities: Sequence[str], warn: bool = True
+) -> list[Stage]:
     """Validated stages; ``modalities`` are the model's configured ones (defaults and the allowed set).
 
     A stage modality the model was not built with (e.g. ``image`` under ``modalities: [text, id]``) is dropped
     with a warning, so one schedule serves every modality ablation; a stage left with none is an error.
+    ``warn=False`` only checks: the config does so when it is built, the trainer warns when it runs.
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "~", "none", "null")):
         return [Stage("full", tuple(modalities), GROUPS, int(epochs), float(learning_rate))]
@@ -120,7 +123,10 @@ def parse_stages(spec, *, epochs: int, learning_rate: float, modalities: Sequenc
                     f"mpo_stages stage '{name}': none of its modalities {list(wanted)} is configured "
                     f"(modalities: {list(modalities)})"
                 )
-            getLogger().warning(f"MPO stage '{name}': modalities {dropped} are not configured; the stage uses {active}")
+            if warn:
+                getLogger().warning(
+                    f"MPO stage '{name}': modalities {dropped} are not configured; the stage uses {active}"
+                )
         train = _names(item.get("train"), index, "train", GROUPS) or GROUPS
         stage_epochs = item.get("epochs", epochs)
         if isinstance(stage_epochs, bool) or not isinstance(stage_epochs, int) or stage_epochs < 1:
