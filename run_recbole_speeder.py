@@ -2,16 +2,11 @@
 
     python run_recbole_speeder.py --model=Speeder --dataset=Amazon_Beauty
     python run_recbole_speeder.py --model=SASRec --dataset=ml-100k --epochs=5
+
+An installed package offers the same command line as ``recbole-speeder`` and ``python -m recbole_speeder``.
 """
 
-import os
-
-# OpenMP threads waiting at a barrier sleep instead of spinning. With one other busy process on 2 cores, spinning
-# made ranking 2.4x slower; alone, sleeping costs ~4% (BENCHMARKS.md). Set OMP_WAIT_POLICY to override.
-# It must be set before torch loads its OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from recbole_speeder.cli import main  # noqa: E402
+from recbole_speeder.launch import main
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""Command line of ``run_recbole_speeder.py``: RecBole's flags, plus any ``--key=value`` config override."""
+"""Command line of ``run_recbole_speeder.py`` and ``recbole-speeder``: RecBole's flags, plus any ``--key=value``
+config override."""
 
 from __future__ import annotations
 

@@ -245,6 +245,7 @@ SCHEMA: dict[str, Key] = {
     # properties/model/Speeder.yaml
     "backbone_path": Key(str),
     "backbone_local_files_only": Key(bool),
+    "backbone_offline_copy": Key(bool),
     "backbone_init": Key(str, choices=BACKBONE_INITS),
     "backbone_dtype": Key(str, choices=BACKBONE_DTYPES),
     "backbone_layers": Key(int, optional=True, minimum=1),

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from recbole.data import data_preparation
 from recbole.utils import init_seed
+from safetensors.torch import load_file
 
 from recbole_speeder.errors import UsageError
 from recbole_speeder.model import Speeder
-from recbole_speeder.model.backbone import load_backbone
+from recbole_speeder.model.backbone import SMOLLM2_HUB_ID, _tiny_random, load_backbone
 from recbole_speeder.utils import create_dataset
 
 
@@ -56,6 +59,47 @@ def test_default_backbone_is_the_offline_smollm2_gguf(tiny_config):
     assert model.config.hidden_size == 576 and len(tokenizer) == 49152
     ids = tokenizer("Lipstick", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.fixture
+def saved_llama(tmp_path) -> Path:
+    """A tiny random Llama and its tokenizer saved as a hub repository holds them (safetensors)."""
+    model, tokenizer = _tiny_random(torch.float32)
+    folder = tmp_path / "llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_local_safetensors_folder_loads_its_full_precision_weights(tiny_config, saved_llama):
+    model, _ = load_backbone(tiny_config(backbone_path=str(saved_llama), backbone_layers=None, lora_r=0))
+    saved = load_file(saved_llama / "model.safetensors")
+    state = model.state_dict()
+    assert saved and all(torch.equal(state[name], weight) for name, weight in saved.items())
+
+
+def test_backbone_offline_copy_false_loads_the_hub_weights_instead_of_the_gguf(tiny_config, saved_llama, tmp_path,
+                                                                               monkeypatch):
+    """No network: the hub repository sits in a Hugging Face cache as a download leaves it."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    shutil.copytree(saved_llama, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub = tiny_config(backbone_path=SMOLLM2_HUB_ID, backbone_offline_copy=False, backbone_local_files_only=True,
+                      backbone_layers=None, lora_r=0)
+    model, _ = load_backbone(hub)
+    assert model.config.hidden_size == 64  # the cached repository's weights, not the packaged GGUF (576)
+    assert torch.equal(model.get_input_embeddings().weight, load_file(saved_llama / "model.safetensors")[
+        "model.embed_tokens.weight"])
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(UsageError, match="full-precision weights: they need the network once"):
+        load_backbone(hub)
+    with pytest.raises(UsageError, match="backbone_offline_copy: expected True or False, got 'maybe'"):
+        tiny_config(backbone_offline_copy="maybe")
 
 
 def test_an_optimizer_step_changes_only_the_trainable_parts(tiny_config):

