@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from recbole_speeder.errors import UsageError
 from recbole_speeder.model.prompt import pack_layout, text_token_ids
-from recbole_speeder.protocol import candidate_count
+from recbole_speeder.protocol import candidate_count, check_list_batches
 
 PREDICT_MODES = ("score", "generate")
 DECODERS = ("constrained", "free")
@@ -153,16 +153,10 @@ class GenerativeAnswerer(nn.Module):
             raise UsageError("predict_mode: generate trains one answer per row: set train_all_positions: False")
         if self.n_candidates < 2:
             raise UsageError(f"generate_candidates must be at least 2, not {self.n_candidates}")
+        check_list_batches(config)
         for phase in ("valid", "test"):
             n = candidate_count(config, phase)
-            if n is None:
-                continue
-            if n > config["eval_batch_size"]:
-                raise UsageError(
-                    f"predict_mode: generate needs each user's {n} candidates in one batch: "
-                    f"set eval_batch_size >= {n} (now {config['eval_batch_size']})"
-                )
-            if n != self.n_candidates:
+            if n is not None and n != self.n_candidates:
                 getLogger().warning(
                     f"{phase} lists {n} candidates but training prompts list generate_candidates={self.n_candidates}"
                 )
