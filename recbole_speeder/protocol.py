@@ -130,6 +130,8 @@ def describe_protocol(config, phase: str = "test", full: bool = False) -> str:
             f"negatives ({candidate_negatives(config)}, {seeding} draws, seed {config['seed']})"
         )
     answer = f"generate, {config['generate_decoder']} decoder" if mode == "generate" else "score"
+    if mode == "generate" and config["generate_decoder"] == "free":
+        answer += f", {config['generate_validity']} validity"
     if config["item_repr"]:
         answer += f", item_repr {config['item_repr']}"
     return f"{candidates}; answers: {answer}"

@@ -10,14 +10,18 @@ import pytest
 import torch
 import yaml
 from recbole.data import data_preparation
+from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.evaluator import Collector, Evaluator
 from recbole.utils import init_seed
 
 from recbole_speeder.config import Config
 from recbole_speeder.data.features import save_item_features
 from recbole_speeder.errors import UsageError
+from recbole_speeder.metrics import rank_invalid_last
+from recbole_speeder.model.generative import named_candidate
 from recbole_speeder.protocol import recbole_sampler, seed_eval_candidates
 from recbole_speeder.quick_start import run_recbole_speeder
+from recbole_speeder.trainer import SpeederTrainer
 from recbole_speeder.utils import create_dataset, get_model
 
 DATASET = "toyproto"
@@ -85,9 +89,11 @@ def build(model: str, config_dict: dict, **overrides):
 
 
 def evaluate_scores(config, scores: torch.Tensor, positives: torch.Tensor) -> dict:
-    """RecBole's own collector and evaluator on a ``[users, items]`` score matrix with one positive per user."""
+    """RecBole's own collector and evaluator on a ``[users, items]`` score matrix with one positive per user, rows
+    without a finite score (invalid answers) ranked as ``SpeederTrainer`` ranks them."""
+    users = torch.arange(len(positives))
     collector = Collector(config)
-    collector.eval_batch_collect(scores, None, torch.arange(len(positives)), positives)
+    collector.eval_batch_collect(rank_invalid_last(scores.clone(), users, positives), None, users, positives)
     return Evaluator(config).evaluate(collector.get_data_struct())
 
 
@@ -148,6 +154,49 @@ def test_metrics_match_a_direct_numpy_computation(toy_dict):
     assert result["vhr@1"] == pytest.approx(correct.mean(), abs=1e-4)
     assert result["hr@1"] == pytest.approx(correct.sum() / (~invalid).sum(), abs=1e-4)
     assert result["vhr@1"] < result["hr@1"]
+    rank = np.where(invalid, np.inf, rank)  # an invalid answer is a miss at every cut-off, never a lucky tie
+    for k in (1, 5, 10):
+        assert result[f"hit@{k}"] == pytest.approx((rank <= k).mean(), abs=1e-4)
+        assert result[f"ndcg@{k}"] == pytest.approx(np.where(rank <= k, 1 / np.log2(rank + 1), 0).mean(), abs=1e-4)
+        assert result[f"mrr@{k}"] == pytest.approx(np.where(rank <= k, 1 / rank, 0).mean(), abs=1e-4)
+
+
+def test_an_all_invalid_batch_is_a_miss_at_every_cutoff_in_sampled_and_full_ranking(toy_dict, monkeypatch):
+    config, model, valid, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False,
+                                    generate_decoder="free", topk=[1, 10, 20, 30])
+    monkeypatch.setattr(model.generative, "_greedy", lambda _model, _state, first: [[] for _ in first])
+    trainer = SpeederTrainer(config, model)
+    full = FullSortEvalDataLoader(config, valid._dataset, recbole_sampler(valid))
+    for loader in (valid, full):  # 20 candidates: Hit@20 and Hit@30 would be 1 for any ranking of the list
+        result = trainer.evaluate(loader, load_best_model=False)
+        assert result["validratio"] == result["vhr@1"] == result["hr@1"] == 0
+        assert [result[f"{m}@{k}"] for m in ("hit", "ndcg", "mrr") for k in (1, 10, 20, 30)] == [0] * 12
+
+
+def test_llara_validity_needs_exactly_one_candidate_title_in_the_answer():
+    titles = ["lip gloss", "lip gloss set", "red soap", "blue lamp"]
+    assert named_candidate("red soap", titles, "llara") == 2
+    assert named_candidate("i would pick red soap next", titles, "llara") == 2
+    assert named_candidate("a green brush", titles, "llara") == -1  # no title
+    assert named_candidate("red soap or blue lamp", titles, "llara") == -1  # two titles
+    assert named_candidate("lip gloss", titles, "llara") == 0
+    assert named_candidate("lip gloss set", titles, "llara") == -1  # holds "lip gloss" too: two, as in LLaRA
+    assert named_candidate("red soap", ["", "red soap"], "llara") == 1  # an empty title never counts
+    assert named_candidate("i would pick red soap next", titles, "exact") == -1
+    assert named_candidate("red soap", titles, "exact") == 2
+
+
+def test_free_text_answers_are_parsed_by_the_configured_validity_rule(toy_dict):
+    answers = {}
+    for rule in ("exact", "llara"):
+        _, model, _, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False,
+                               item_repr="text", generate_decoder="free", generate_validity=rule)
+        answerer = model.generative
+        candidates = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+        texts = [f"i pick {answerer._title(model, 2)} now", answerer._title(model, 6), "nothing listed"]
+        tokens = [model.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        answers[rule] = answerer._parse(model, tokens, candidates).tolist()
+    assert answers == {"exact": [-1, 2, -1], "llara": [1, 2, -1]}
 
 
 # ------------------------------------------------------------------------------------------------ candidates
@@ -378,6 +427,10 @@ def test_protocol_mistakes_are_one_line_usage_errors(toy_dict):
                                          r"but user 'u0' has 30 left for its valid list \(9 history items and the "
                                          r"target excluded from 40 uniform items\)"):
         build("SASRec", toy_dict, eval_args={**toy_dict["eval_args"], "mode": "uni35"})
+    with pytest.raises(UsageError, match="generate_validity: llara .* needs item_repr: text"):
+        build("Speeder", toy_dict, generate_validity="llara", generate_decoder="free", **generate)
+    with pytest.raises(UsageError, match="generate_validity must be one of"):
+        build("Speeder", toy_dict, generate_validity="fuzzy", **generate)
     _, model, _, _ = build("Speeder", toy_dict, **generate)
     with pytest.raises(UsageError, match="are not single, distinct tokens"):
         model.generative._single_tokens([*"ABCDEFGHIJKLMNOPQRS", "antidisestablishmentarianism"], "custom")

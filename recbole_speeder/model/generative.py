@@ -8,17 +8,19 @@ generator seeded by ``seed``, positions shuffled), language-model loss on the an
 score-mode loss read at the history's end of the same forward (``generate_score_loss_weight``).
 
 Decoders: ``constrained`` takes the argmax over the N candidates (label-token logits at the answer position; in
-text mode each title's log-likelihood), so every answer is valid; ``free`` greedy-decodes text and parses it,
-and an answer that names no candidate is invalid. Only the logits that are needed are computed: label or answer
-positions, never the full vocabulary at every position.
+text mode each title's log-likelihood), so every answer is valid; ``free`` greedy-decodes text and parses it
+(``generate_validity``: the answer is a title, or LLaRA's rule, exactly one title occurs in it), and an answer
+that names no candidate is invalid. Only the logits that are needed are computed: label or answer positions,
+never the full vocabulary at every position.
 
 RecBole reaches the model through ``predict`` (one row per (user, candidate): its sampled evaluation repeats a
 user's row once per candidate, all in one batch) and ``full_sort_predict``; both return scores its evaluator
 ranks. ``predict`` regroups the rows by history, shows each user its own N rows as the candidate list (in an
 order seeded by the user id, so the true item has no fixed label) and returns each candidate's answer score.
 ``full_sort_predict`` lists the top-N items of the score-mode head. A free answer puts its candidate first
-(score 1, the rest by their first answer token's log-prob); an invalid one gives all ``-inf``, which the
-``VHR``/``ValidRatio``/``HR`` metrics (``recbole_speeder/metrics.py``) count as not valid.
+(score 1, the rest by their first answer token's log-prob); an invalid one gives all ``-inf``, which
+``SpeederTrainer`` turns into a miss at every cut-off and the ``VHR``/``ValidRatio``/``HR`` metrics count as
+not valid (``recbole_speeder/metrics.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ DECODERS = ("constrained", "free")
 LABEL_SETS = {"letters": [chr(ord("A") + i) for i in range(26)], "numbers": [str(i + 1) for i in range(99)]}
 TITLE_SCORES = ("mean", "sum")
 SAMPLINGS = ("uniform", "popularity")
+VALIDITY_RULES = ("exact", "llara")
 ORDER_SEED_STRIDE = 1_000_003
 
 
@@ -77,6 +80,20 @@ def normalise_answer(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
 
 
+def named_candidate(answer: str, titles: list[str], rule: str) -> int:
+    """Slot of the candidate a normalised free answer names among normalised ``titles``, or -1 (invalid).
+
+    ``exact``: the answer is a candidate's title. ``llara`` (LLaRA's ``calculate_hr1``): exactly one candidate's
+    title occurs in the answer. As there, every candidate whose title is a substring of the answer counts, so an
+    answer holding a title that contains another candidate's title ("lip gloss set" with "lip gloss" also
+    listed), or naming two candidates of one title, is invalid. An empty title never counts.
+    """
+    if rule == "exact":
+        return titles.index(answer) if answer and answer in titles else -1
+    named = [slot for slot, title in enumerate(titles) if title and title in answer]
+    return named[0] if len(named) == 1 else -1
+
+
 @dataclass
 class _Decoding:
     """A prompt already run through the LLM, ready to continue: cache, attention mask, next position, last state."""
@@ -100,6 +117,7 @@ class GenerativeAnswerer(nn.Module):
         self.n_candidates = int(config["generate_candidates"])
         self.score_loss_weight = float(config["generate_score_loss_weight"])
         self.title_score = config["generate_title_score"]
+        self.validity = config["generate_validity"]
         self.seed = int(config["seed"])
         self.tokenizer = tokenizer
         self._check(config)
@@ -143,9 +161,12 @@ class GenerativeAnswerer(nn.Module):
             ("generate_decoder", DECODERS),
             ("generate_labels", tuple(LABEL_SETS)),
             ("generate_title_score", TITLE_SCORES),
+            ("generate_validity", VALIDITY_RULES),
         ):
             if config[key] not in allowed:
                 raise UsageError(f"{key} must be one of {allowed}, not '{config[key]}'")
+        if self.validity == "llara" and self.item_repr == "mrc":
+            raise UsageError("generate_validity: llara finds candidate titles in the answer: it needs item_repr: text")
         sampling = config["generate_train_sampling"]
         if sampling is not None and sampling not in SAMPLINGS:
             raise UsageError(f"generate_train_sampling must be one of {SAMPLINGS} or ~, not '{sampling}'")
@@ -370,8 +391,7 @@ class GenerativeAnswerer(nn.Module):
                 choice.append(slot if slot < len(listed) else -1)
             else:
                 titles = [normalise_answer(self._title(model, item)) for item in listed]
-                answer = normalise_answer(text)
-                choice.append(titles.index(answer) if answer and answer in titles else -1)
+                choice.append(named_candidate(normalise_answer(text), titles, self.validity))
         return torch.tensor(choice, device=candidates.device)
 
     def _title(self, model, item: int) -> str:
