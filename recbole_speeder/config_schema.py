@@ -41,6 +41,8 @@ GENERATE_LABELS = ("letters", "numbers")
 GENERATE_SAMPLINGS = ("uniform", "popularity")
 TITLE_SCORES = ("mean", "sum")
 EVAL_CANDIDATES = ("seeded", "recbole")
+CANDIDATE_NEGATIVES = ("exclude_history", "recbole")
+GENERATE_VALIDITY = ("exact", "llara")
 
 Rule = Callable[[Any, Mapping[str, Any]], None]
 _NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("True or False", "booleans"),
@@ -238,6 +240,7 @@ SCHEMA: dict[str, Key] = {
     "eval_batch_size": Key(int, minimum=1),
     "MAX_ITEM_LIST_LENGTH": Key(int, minimum=1),
     "eval_candidates": Key(str, choices=EVAL_CANDIDATES),
+    "candidate_negatives": Key(str, choices=CANDIDATE_NEGATIVES),
     "eval_full_beside": Key(bool),
     # properties/dataset/<Dataset>.yaml: preparing missing Amazon data
     "raw_dir": Key(str, optional=True),
@@ -303,6 +306,7 @@ SCHEMA: dict[str, Key] = {
     "generate_separator": Key(str),
     "generate_max_new_tokens": Key(int, minimum=1),
     "generate_title_score": Key(str, choices=TITLE_SCORES),
+    "generate_validity": Key(str, choices=GENERATE_VALIDITY),
     "generate_score_loss_weight": Key(float, minimum=0),
 }
 

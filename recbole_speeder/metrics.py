@@ -2,9 +2,14 @@
 
 MLLM recommenders (LLaRA, A-LLMRec, Speeder) answer with one candidate, or with text that names none; RecBole's
 metrics only see a ranking. The answer reaches the evaluator as scores (``model/generative.py``): the chosen
-candidate on top, and an answer naming no candidate as a row of ``-inf`` (no finite score). From RecBole's
-``rec.meanrank`` (whose second column is the number of leading finite scores of the sorted row) and
-``rec.topk`` (is the top-1 item a positive) each user is then valid or not, and correct or not:
+candidate on top, and an answer naming no candidate as a row without any finite score. RecBole would rank such a
+row by an arbitrary tie-break, so a lucky invalid answer could hit; :func:`rank_invalid_last` (``SpeederTrainer``
+applies it to every evaluation batch) puts the true item below every other item instead: an invalid answer is a
+miss for ``Hit@k``, ``NDCG@k`` and ``MRR@k`` at every k. That row is also how the metrics below recognise it:
+the true item alone holds the lowest score, which no other row can show, because RecBole scores the padding
+item (column 0) ``-inf`` in both full and sampled evaluation. From RecBole's ``rec.meanrank`` (the true item's
+rank, and the rank at which the lowest score begins) and ``rec.topk`` (is the top-1 item the true one) each user
+is valid or not, and correct or not:
 
 - ``validratio`` = valid answers / users;
 - ``hr@1`` = correct answers / valid answers (LLaRA's HitRatio@1, measured on valid answers only);
@@ -35,10 +40,11 @@ class _AnswerMetric(AbstractMetric):
     def used_info(self, dataobject) -> tuple[np.ndarray, np.ndarray]:
         """``valid`` and ``correct`` booleans per user."""
         topk = dataobject.get("rec.topk")
-        meanrank = dataobject.get("rec.meanrank")
-        # rec.meanrank = (rank sum of positives, argmin of the descending scores, number of positives); the argmin
-        # is the first -inf, i.e. the count of finite scores: 0 means no candidate was named.
-        valid = meanrank[:, 1] > 0
+        # rec.meanrank = (rank sum of the true items, argmin of the descending scores, number of true items); the
+        # argmin is the count of items above the lowest score, so one true item alone at the bottom ranks one after
+        # it; with any other item at the bottom too (a tie) the true item's average rank is larger.
+        rank, above_lowest, n_true = dataobject.get("rec.meanrank").T
+        valid = ~((n_true == 1) & (rank == above_lowest + 1))
         correct = valid & topk[:, 0].to(torch.bool)
         return valid.numpy(), correct.numpy()
 
@@ -82,6 +88,17 @@ class HR(_AnswerMetric):
 
 
 PLUGIN_METRICS = (VHR, ValidRatio, HR)
+
+
+def rank_invalid_last(scores: torch.Tensor, positive_u: torch.Tensor, positive_i: torch.Tensor) -> torch.Tensor:
+    """Rows of ``scores [users, items]`` without a finite score (answers naming no candidate), in place: every item
+    scores 0 and the true item ``-inf``, so it ranks last and the row is a miss at every cut-off."""
+    invalid = ~torch.isfinite(scores).any(dim=1)
+    if bool(invalid.any()):
+        scores[invalid] = 0.0
+        true_invalid = invalid[positive_u]
+        scores[positive_u[true_invalid], positive_i[true_invalid]] = float("-inf")
+    return scores
 
 
 def register_metrics() -> None:

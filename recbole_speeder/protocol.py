@@ -5,7 +5,8 @@ negatives) draw the negatives from the global numpy RNG while a batch is collate
 gets depends on everything that consumed that RNG before (epochs run, validations, the model's own init). With
 ``eval_candidates: seeded`` each user's negatives come from an RNG seeded by ``(seed, phase, user)`` and nothing
 else: every model, epoch and batch size sees the same 20 candidates per user, and the global RNG is untouched.
-``eval_candidates: recbole`` keeps RecBole's own draws (what ``run_recbole`` would do).
+``eval_candidates: recbole`` keeps RecBole's own draws (what ``run_recbole`` would do). Which items may be
+negatives is ``candidate_negatives`` (``candidates.py``): LLaRA's rule by default, or RecBole's sampler as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
 from recbole.utils import set_color
+
+from recbole_speeder.candidates import HistoryExcludingSampler
+from recbole_speeder.errors import UsageError
 
 PHASE_IDS = {"train": 0, "valid": 1, "test": 2}
 
@@ -54,13 +58,39 @@ def is_sampled(loader) -> bool:
     return args["distribution"] != "none" and args["sample_num"] != "none"
 
 
+def recbole_sampler(loader):
+    """The RecBole sampler under the plugin's wrappers: what a full-ranking loader over the same split takes."""
+    sampler = loader._sampler
+    while isinstance(sampler, (SeededCandidateSampler, HistoryExcludingSampler)):
+        sampler = sampler.sampler
+    return sampler
+
+
+def check_list_batches(config) -> None:
+    """A model scores (a generative one answers) each user's whole candidate list in one evaluation batch."""
+    for phase in ("valid", "test"):
+        n = candidate_count(config, phase)
+        if n is not None and n > config["eval_batch_size"]:
+            raise UsageError(
+                f"eval_batch_size ({config['eval_batch_size']}) is smaller than one {phase} candidate list "
+                f"({n} = true item + {n - 1} negatives): set eval_batch_size >= {n}"
+            )
+
+
 def seed_eval_candidates(config, *loaders) -> None:
-    """Make the sampled evaluation loaders draw per-user seeded candidates (``eval_candidates: seeded``)."""
-    if config["eval_candidates"] == "recbole":
-        return
+    """Make the sampled evaluation loaders draw their negatives by ``candidate_negatives``, from per-user seeded
+    RNGs with ``eval_candidates: seeded``; loaders already set up and full-ranking ones are left as they are."""
+    seeding, negatives = config["eval_candidates"], config["candidate_negatives"]
+    check_list_batches(config)
     for loader in loaders:
-        if is_sampled(loader) and not isinstance(loader._sampler, SeededCandidateSampler):
-            loader._sampler = SeededCandidateSampler(loader._sampler, config["seed"])
+        if not is_sampled(loader) or recbole_sampler(loader) is not loader._sampler:
+            continue
+        sampler = loader._sampler
+        if negatives == "exclude_history":
+            sampler = HistoryExcludingSampler(sampler, loader._dataset, loader.neg_sample_num)
+        if seeding == "seeded":
+            sampler = SeededCandidateSampler(sampler, config["seed"])
+        loader._sampler = sampler
 
 
 def candidate_count(config, phase: str = "test") -> int | None:
@@ -85,9 +115,11 @@ def describe_protocol(config, phase: str = "test", full: bool = False) -> str:
         seeding = config["eval_candidates"] or "seeded"
         candidates = (
             f"{config['eval_args']['mode'][phase]}: {n} candidates = true item + {n - 1} {args['distribution']} "
-            f"negatives ({seeding} draws, seed {config['seed']})"
+            f"negatives ({config['candidate_negatives']}, {seeding} draws, seed {config['seed']})"
         )
     answer = f"generate, {config['generate_decoder']} decoder" if mode == "generate" else "score"
+    if mode == "generate" and config["generate_decoder"] == "free":
+        answer += f", {config['generate_validity']} validity"
     if config["item_repr"]:
         answer += f", item_repr {config['item_repr']}"
     return f"{candidates}; answers: {answer}"
@@ -177,8 +209,7 @@ def evaluate_test(trainer, config, test_data, load_best_model: bool, show_progre
     logger.info(set_color("inference cost", "blue") + f" [{describe_protocol(config)}]: {cost}")
     out = {"test_result": result, "test_cost": cost.per_user(), "eval_protocol": describe_protocol(config)}
     if is_sampled(test_data) and config["eval_full_beside"]:
-        sampler = test_data._sampler
-        full_data = FullSortEvalDataLoader(config, test_data._dataset, getattr(sampler, "sampler", sampler))
+        full_data = FullSortEvalDataLoader(config, test_data._dataset, recbole_sampler(test_data))
         full, full_cost = measured_evaluate(trainer, full_data, load_best_model=False, show_progress=show_progress)
         protocol = describe_protocol(config, full=True)
         logger.info(set_color("inference cost", "blue") + f" [{protocol}]: {full_cost}")

@@ -10,14 +10,18 @@ import pytest
 import torch
 import yaml
 from recbole.data import data_preparation
+from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.evaluator import Collector, Evaluator
 from recbole.utils import init_seed
 
 from recbole_speeder.config import Config
 from recbole_speeder.data.features import save_item_features
 from recbole_speeder.errors import UsageError
-from recbole_speeder.protocol import seed_eval_candidates
+from recbole_speeder.metrics import rank_invalid_last
+from recbole_speeder.model.generative import named_candidate
+from recbole_speeder.protocol import recbole_sampler, seed_eval_candidates
 from recbole_speeder.quick_start import run_recbole_speeder
+from recbole_speeder.trainer import SpeederTrainer
 from recbole_speeder.utils import create_dataset, get_model
 
 DATASET = "toyproto"
@@ -85,9 +89,11 @@ def build(model: str, config_dict: dict, **overrides):
 
 
 def evaluate_scores(config, scores: torch.Tensor, positives: torch.Tensor) -> dict:
-    """RecBole's own collector and evaluator on a ``[users, items]`` score matrix with one positive per user."""
+    """RecBole's own collector and evaluator on a ``[users, items]`` score matrix with one positive per user, rows
+    without a finite score (invalid answers) ranked as ``SpeederTrainer`` ranks them."""
+    users = torch.arange(len(positives))
     collector = Collector(config)
-    collector.eval_batch_collect(scores, None, torch.arange(len(positives)), positives)
+    collector.eval_batch_collect(rank_invalid_last(scores.clone(), users, positives), None, users, positives)
     return Evaluator(config).evaluate(collector.get_data_struct())
 
 
@@ -97,6 +103,28 @@ def candidate_lists(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> set[tuple
     for users, items in calls:
         for user in users.unique().tolist():
             lists.add((user, tuple(sorted(items[users == user].tolist()))))
+    return lists
+
+
+def raw_sequences(toy_root: Path) -> dict[str, list[str]]:
+    """Each user's item tokens in time order, read from the atomic file (the toy's time stamps never tie)."""
+    lines = (toy_root / DATASET / f"{DATASET}.inter").read_text().splitlines()[1:]
+    sequences: dict[str, list[str]] = {}
+    for user, item, _ in sorted((line.split("\t") for line in lines), key=lambda row: (row[0], float(row[2]))):
+        sequences.setdefault(user, []).append(item)
+    return sequences
+
+
+def loader_lists(loader) -> dict[str, list[str]]:
+    """User token -> its candidate item tokens in one pass over a sampled loader, the true item first (RecBole's
+    order)."""
+    data = loader._dataset
+    lists: dict[str, list[str]] = {}
+    for interaction, *_ in loader:
+        users = data.id2token(data.uid_field, interaction[data.uid_field].numpy())
+        items = data.id2token(data.iid_field, interaction[data.iid_field].numpy())
+        for user, item in zip(users, items, strict=True):
+            lists.setdefault(user, []).append(item)
     return lists
 
 
@@ -126,6 +154,49 @@ def test_metrics_match_a_direct_numpy_computation(toy_dict):
     assert result["vhr@1"] == pytest.approx(correct.mean(), abs=1e-4)
     assert result["hr@1"] == pytest.approx(correct.sum() / (~invalid).sum(), abs=1e-4)
     assert result["vhr@1"] < result["hr@1"]
+    rank = np.where(invalid, np.inf, rank)  # an invalid answer is a miss at every cut-off, never a lucky tie
+    for k in (1, 5, 10):
+        assert result[f"hit@{k}"] == pytest.approx((rank <= k).mean(), abs=1e-4)
+        assert result[f"ndcg@{k}"] == pytest.approx(np.where(rank <= k, 1 / np.log2(rank + 1), 0).mean(), abs=1e-4)
+        assert result[f"mrr@{k}"] == pytest.approx(np.where(rank <= k, 1 / rank, 0).mean(), abs=1e-4)
+
+
+def test_an_all_invalid_batch_is_a_miss_at_every_cutoff_in_sampled_and_full_ranking(toy_dict, monkeypatch):
+    config, model, valid, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False,
+                                    generate_decoder="free", topk=[1, 10, 20, 30])
+    monkeypatch.setattr(model.generative, "_greedy", lambda _model, _state, first: [[] for _ in first])
+    trainer = SpeederTrainer(config, model)
+    full = FullSortEvalDataLoader(config, valid._dataset, recbole_sampler(valid))
+    for loader in (valid, full):  # 20 candidates: Hit@20 and Hit@30 would be 1 for any ranking of the list
+        result = trainer.evaluate(loader, load_best_model=False)
+        assert result["validratio"] == result["vhr@1"] == result["hr@1"] == 0
+        assert [result[f"{m}@{k}"] for m in ("hit", "ndcg", "mrr") for k in (1, 10, 20, 30)] == [0] * 12
+
+
+def test_llara_validity_needs_exactly_one_candidate_title_in_the_answer():
+    titles = ["lip gloss", "lip gloss set", "red soap", "blue lamp"]
+    assert named_candidate("red soap", titles, "llara") == 2
+    assert named_candidate("i would pick red soap next", titles, "llara") == 2
+    assert named_candidate("a green brush", titles, "llara") == -1  # no title
+    assert named_candidate("red soap or blue lamp", titles, "llara") == -1  # two titles
+    assert named_candidate("lip gloss", titles, "llara") == 0
+    assert named_candidate("lip gloss set", titles, "llara") == -1  # holds "lip gloss" too: two, as in LLaRA
+    assert named_candidate("red soap", ["", "red soap"], "llara") == 1  # an empty title never counts
+    assert named_candidate("i would pick red soap next", titles, "exact") == -1
+    assert named_candidate("red soap", titles, "exact") == 2
+
+
+def test_free_text_answers_are_parsed_by_the_configured_validity_rule(toy_dict):
+    answers = {}
+    for rule in ("exact", "llara"):
+        _, model, _, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False,
+                               item_repr="text", generate_decoder="free", generate_validity=rule)
+        answerer = model.generative
+        candidates = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+        texts = [f"i pick {answerer._title(model, 2)} now", answerer._title(model, 6), "nothing listed"]
+        tokens = [model.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        answers[rule] = answerer._parse(model, tokens, candidates).tolist()
+    assert answers == {"exact": [-1, 2, -1], "llara": [1, 2, -1]}
 
 
 # ------------------------------------------------------------------------------------------------ candidates
@@ -146,6 +217,48 @@ def test_seeded_candidates_ignore_the_global_rng_and_recbole_draws_do_not(toy_di
     assert len(lists["seeded"][0]) == USERS and all(len(c) == n for _, c in lists["seeded"][0])
     assert lists["seeded"][0] == lists["seeded"][1]
     assert lists["recbole"][0] != lists["recbole"][1]
+
+
+@pytest.mark.parametrize("mode", ["uni19", "pop9"])
+def test_exclude_history_lists_distinct_items_outside_the_history_and_recbole_does_not(toy_dict, toy_root, mode):
+    """The history is everything before the evaluated item: the train items for valid, and the valid item too for
+    test."""
+    sequences = raw_sequences(toy_root)
+    n = int(mode[3:]) + 1
+    clashes = {}
+    for negatives in ("exclude_history", "recbole"):
+        _, _, valid, test = build("SASRec", toy_dict, eval_args={**toy_dict["eval_args"], "mode": mode},
+                                  candidate_negatives=negatives)
+        clashes[negatives] = 0
+        for loader, step in ((valid, -2), (test, -1)):
+            lists = loader_lists(loader)
+            assert len(lists) == USERS
+            for user, (target, *others) in lists.items():
+                assert target == sequences[user][step] and len(others) == n - 1
+                seen = set(sequences[user][:step]) | {target}
+                clashes[negatives] += len(set(others) & seen) + len(others) - len(set(others))
+    assert clashes["exclude_history"] == 0
+    assert clashes["recbole"] > 0  # history items and repeats: the lists LLaRA's protocol never draws
+
+
+@pytest.mark.parametrize("mode", ["uni19", "pop19"])
+def test_exclude_history_draws_follow_recbole_distribution_restricted_to_allowed_items(toy_dict, toy_root, mode):
+    """A row's first negative: uniform over the allowed items, or their RecBole popularity (alpha 1: the count)."""
+    _, _, valid, _ = build("SASRec", toy_dict, eval_args={**toy_dict["eval_args"], "mode": mode})
+    data, sampler = valid._dataset, valid._sampler.sampler  # the history-excluding sampler under the seeding
+    user, target = (int(data.inter_feat[field][0]) for field in (data.uid_field, data.iid_field))
+    seen = data.token2id(data.iid_field, raw_sequences(toy_root)[data.id2token(data.uid_field, user)][:-1])
+    counts = np.bincount(recbole_sampler(valid).dataset.inter_feat[data.iid_field].numpy(), minlength=data.item_num)
+    allowed = np.ones(data.item_num)
+    allowed[[0, *seen]] = 0  # the padding item, the history and the target (the valid row's target is seq[-2])
+    expected = {"uni19": allowed, "pop19": allowed * counts}
+    expected = {name: weights / weights.sum() for name, weights in expected.items()}
+    np.random.seed(0)
+    draws = 20_000
+    first = [int(sampler.sample_by_user_ids([user], [target], 1)) for _ in range(draws)]
+    observed = np.bincount(first, minlength=data.item_num) / draws
+    distance = {name: 0.5 * np.abs(observed - p).sum() for name, p in expected.items()}
+    assert distance[mode] < 0.03 and max(distance.values()) > 0.05  # total variation, with 20k draws ~0.01
 
 
 def test_every_model_scores_the_same_candidates_and_constrained_answers_are_all_valid(toy_dict, monkeypatch, tmp_path):
@@ -170,6 +283,7 @@ def test_every_model_scores_the_same_candidates_and_constrained_answers_are_all_
     lists = {name: candidate_lists(recorded) for name, recorded in calls.items()}
     assert len(lists["SASRec"]) == 2 * USERS  # a valid and a test list per user, the same at every validation
     assert lists["SASRec"] == lists["BERT4Rec"] == lists["Speeder"]
+    assert all(len(set(items)) == 20 for _, items in lists["SASRec"])  # distinct (candidate_negatives default)
 
     speeder = results["Speeder"]
     assert speeder["test_result"]["validratio"] == 1.0
@@ -185,7 +299,8 @@ def test_sasrec_uni19_through_the_run_script_equals_recbole_own_run(toy_dict, mo
     monkeypatch.chdir(tmp_path)
     # the same settings for both: the plugin's overall.yaml (e.g. train_neg_sample_args: ~), then the toy protocol
     overall = yaml.safe_load((Path(__file__).resolve().parents[1] / "properties" / "overall.yaml").read_text())
-    same = {**overall, **toy_dict, "eval_candidates": "recbole", "metrics": ["Hit", "NDCG", "MRR"]}
+    same = {**overall, **toy_dict, "eval_candidates": "recbole", "candidate_negatives": "recbole",
+            "metrics": ["Hit", "NDCG", "MRR"]}
     ours = run_recbole_speeder("SASRec", DATASET, config_dict=same, saved=False)
     monkeypatch.setattr(sys, "argv", ["run_recbole"])  # RecBole's Config parses --key=value flags from sys.argv
     theirs = run_recbole("SASRec", DATASET, config_dict=same, saved=False)
@@ -299,7 +414,23 @@ def test_protocol_mistakes_are_one_line_usage_errors(toy_dict):
         build("Speeder", toy_dict, predict_mode="generate")
     with pytest.raises(UsageError, match="eval_batch_size >= 20"):
         build("Speeder", toy_dict, eval_batch_size=10, **generate)
-    with pytest.raises(UsageError, match="letters has 26 labels"):
-        build("Speeder", toy_dict, eval_args={**toy_dict["eval_args"], "mode": "uni29"}, **generate)
+    with pytest.raises(UsageError, match="letters has 26 labels"):  # 30 > 40 items - 11 in a history: not LLaRA's
+        build("Speeder", toy_dict, eval_args={**toy_dict["eval_args"], "mode": "uni29"},
+              candidate_negatives="recbole", **generate)
     with pytest.raises(UsageError, match="eval_candidates: expected one of seeded, recbole"):
         build("SASRec", toy_dict, eval_candidates="fixed")
+    with pytest.raises(UsageError, match="candidate_negatives: expected one of exclude_history, recbole"):
+        build("SASRec", toy_dict, candidate_negatives="llara")
+    with pytest.raises(UsageError, match=r"eval_batch_size \(10\) is smaller than one valid candidate list \(20 "):
+        build("SASRec", toy_dict, eval_batch_size=10)
+    with pytest.raises(UsageError, match=r"exclude_history needs 35 distinct negatives outside each user's history, "
+                                         r"but user 'u0' has 30 left for its valid list \(9 history items and the "
+                                         r"target excluded from 40 uniform items\)"):
+        build("SASRec", toy_dict, eval_args={**toy_dict["eval_args"], "mode": "uni35"})
+    with pytest.raises(UsageError, match="generate_validity: llara .* needs item_repr: text"):
+        build("Speeder", toy_dict, generate_validity="llara", generate_decoder="free", **generate)
+    with pytest.raises(UsageError, match="generate_validity: expected one of exact, llara"):
+        build("Speeder", toy_dict, generate_validity="fuzzy", **generate)
+    _, model, _, _ = build("Speeder", toy_dict, **generate)
+    with pytest.raises(UsageError, match="are not single, distinct tokens"):
+        model.generative._single_tokens([*"ABCDEFGHIJKLMNOPQRS", "antidisestablishmentarianism"], "custom")

@@ -30,6 +30,7 @@ from recbole_speeder.protocol import (
     describe_protocol,
     is_sampled,
     measured_evaluate,
+    recbole_sampler,
     seed_eval_candidates,
 )
 from recbole_speeder.quick_start import build_data_and_model, start_logging
@@ -134,11 +135,10 @@ def sampled_test_loader(config, dataset, built_loaders, mode: str) -> NegSampleE
 def protocol_loaders(config, dataset, loaders, sampled_mode: str | None) -> dict[str, tuple[object, str]]:
     """Full ranking, the run's own sampled test mode if it has one, and ``sampled_mode``; each with its protocol."""
     test_data = loaders[2]
-    sampler = test_data._sampler
     own = config["eval_args"]["mode"]["test"] if is_sampled(test_data) else None
     full = test_data
     if own:
-        full = FullSortEvalDataLoader(config, test_data._dataset, getattr(sampler, "sampler", sampler))
+        full = FullSortEvalDataLoader(config, test_data._dataset, recbole_sampler(test_data))
     out: dict[str, tuple[object, str]] = {"full": (full, describe_protocol(config, full=True))}
     if own:
         out[own] = (test_data, describe_protocol(config))

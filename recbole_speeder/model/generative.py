@@ -8,17 +8,19 @@ generator seeded by ``seed``, positions shuffled), language-model loss on the an
 score-mode loss read at the history's end of the same forward (``generate_score_loss_weight``).
 
 Decoders: ``constrained`` takes the argmax over the N candidates (label-token logits at the answer position; in
-text mode each title's log-likelihood), so every answer is valid; ``free`` greedy-decodes text and parses it,
-and an answer that names no candidate is invalid. Only the logits that are needed are computed: label or answer
-positions, never the full vocabulary at every position.
+text mode each title's log-likelihood), so every answer is valid; ``free`` greedy-decodes text and parses it
+(``generate_validity``: the answer is a title, or LLaRA's rule, exactly one title occurs in it), and an answer
+that names no candidate is invalid. Only the logits that are needed are computed: label or answer positions,
+never the full vocabulary at every position.
 
 RecBole reaches the model through ``predict`` (one row per (user, candidate): its sampled evaluation repeats a
 user's row once per candidate, all in one batch) and ``full_sort_predict``; both return scores its evaluator
 ranks. ``predict`` regroups the rows by history, shows each user its own N rows as the candidate list (in an
 order seeded by the user id, so the true item has no fixed label) and returns each candidate's answer score.
 ``full_sort_predict`` lists the top-N items of the score-mode head. A free answer puts its candidate first
-(score 1, the rest by their first answer token's log-prob); an invalid one gives all ``-inf``, which the
-``VHR``/``ValidRatio``/``HR`` metrics (``recbole_speeder/metrics.py``) count as not valid.
+(score 1, the rest by their first answer token's log-prob); an invalid one gives all ``-inf``, which
+``SpeederTrainer`` turns into a miss at every cut-off and the ``VHR``/``ValidRatio``/``HR`` metrics count as
+not valid (``recbole_speeder/metrics.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from transformers import DynamicCache
 from recbole_speeder.config_schema import GENERATE_LABELS
 from recbole_speeder.errors import UsageError
 from recbole_speeder.model.prompt import pack_layout, text_token_ids
-from recbole_speeder.protocol import candidate_count
+from recbole_speeder.protocol import candidate_count, check_list_batches
 
 LABEL_SETS = dict(zip(GENERATE_LABELS, ([chr(ord("A") + i) for i in range(26)], [str(i + 1) for i in range(99)]),
                       strict=True))
@@ -75,6 +77,20 @@ def normalise_answer(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
 
 
+def named_candidate(answer: str, titles: list[str], rule: str) -> int:
+    """Slot of the candidate a normalised free answer names among normalised ``titles``, or -1 (invalid).
+
+    ``exact``: the answer is a candidate's title. ``llara`` (LLaRA's ``calculate_hr1``): exactly one candidate's
+    title occurs in the answer. As there, every candidate whose title is a substring of the answer counts, so an
+    answer holding a title that contains another candidate's title ("lip gloss set" with "lip gloss" also
+    listed), or naming two candidates of one title, is invalid. An empty title never counts.
+    """
+    if rule == "exact":
+        return titles.index(answer) if answer and answer in titles else -1
+    named = [slot for slot, title in enumerate(titles) if title and title in answer]
+    return named[0] if len(named) == 1 else -1
+
+
 @dataclass
 class _Decoding:
     """A prompt already run through the LLM, ready to continue: cache, attention mask, next position, last state."""
@@ -98,6 +114,7 @@ class GenerativeAnswerer(nn.Module):
         self.n_candidates = int(config["generate_candidates"])
         self.score_loss_weight = float(config["generate_score_loss_weight"])
         self.title_score = config["generate_title_score"]
+        self.validity = config["generate_validity"]
         self.seed = int(config["seed"])
         self.tokenizer = tokenizer
         self._check(config)
@@ -138,16 +155,12 @@ class GenerativeAnswerer(nn.Module):
     # ------------------------------------------------------------------ checks
     def _check(self, config) -> None:
         """What depends on the evaluation lists; each key's own values were checked with the config."""
+        if self.validity == "llara" and self.item_repr == "mrc":
+            raise UsageError("generate_validity: llara finds candidate titles in the answer: it needs item_repr: text")
+        check_list_batches(config)
         for phase in ("valid", "test"):
             n = candidate_count(config, phase)
-            if n is None:
-                continue
-            if n > config["eval_batch_size"]:
-                raise UsageError(
-                    f"predict_mode: generate needs each user's {n} candidates in one batch: "
-                    f"set eval_batch_size >= {n} (now {config['eval_batch_size']})"
-                )
-            if n != self.n_candidates:
+            if n is not None and n != self.n_candidates:
                 getLogger().warning(
                     f"{phase} lists {n} candidates but training prompts list generate_candidates={self.n_candidates}"
                 )
@@ -361,8 +374,7 @@ class GenerativeAnswerer(nn.Module):
                 choice.append(slot if slot < len(listed) else -1)
             else:
                 titles = [normalise_answer(self._title(model, item)) for item in listed]
-                answer = normalise_answer(text)
-                choice.append(titles.index(answer) if answer and answer in titles else -1)
+                choice.append(named_candidate(normalise_answer(text), titles, self.validity))
         return torch.tensor(choice, device=candidates.device)
 
     def _title(self, model, item: int) -> str:

@@ -33,6 +33,7 @@ from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_speeder.errors import UsageError
+from recbole_speeder.metrics import rank_invalid_last
 from recbole_speeder.trainer.checkpoint import CheckpointError, pack, read_checkpoint, unpack, write_checkpoint
 from recbole_speeder.trainer.distributed import (
     any_rank,
@@ -519,6 +520,19 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         load_trainable(self.model, tensors, str(path))
         self.model.set_modalities(state["modalities"])
         self.logger.info(f"Loading model structure and parameters from {path}")
+
+    def _full_sort_batch_eval(self, batched_data):
+        return self._invalid_answers_miss(*super()._full_sort_batch_eval(batched_data))
+
+    def _neg_sample_batch_eval(self, batched_data):
+        return self._invalid_answers_miss(*super()._neg_sample_batch_eval(batched_data))
+
+    @staticmethod
+    def _invalid_answers_miss(interaction, scores, positive_u, positive_i) -> tuple:
+        """A generative answer that names no candidate ranks the true item last (``metrics.rank_invalid_last``)."""
+        if scores.dim() == 2:  # a ranking; value metrics (eval_type VALUE) get one score per row
+            rank_invalid_last(scores, positive_u, positive_i)
+        return interaction, scores, positive_u, positive_i
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
