@@ -30,8 +30,10 @@ class Best:
     modalities: tuple[str, ...]  # the stage's active modalities, which the weights were scored with
 
     def describe(self, metric: str) -> str:
-        score = "(no validation)" if self.score is None else f"{metric} {self.score}"
-        return f"best valid {score} at stage '{self.stage}' epoch {self.epoch}"
+        where = f"at stage '{self.stage}' epoch {self.epoch}"
+        if self.score is None:
+            return f"latest weights (no validation) {where}"
+        return f"best valid {metric} {self.score} {where}"
 
 
 class MPOSchedule:
