@@ -10,8 +10,8 @@ import torch
 
 from recbole_speeder.data.dataset import tiling_window_index
 from recbole_speeder.model.mrc import MixtureOfModalityExperts
-from recbole_speeder.model.prompt import pack_layout
-from recbole_speeder.model.spae import SequentialPositionAwareness, time_gap_buckets
+from recbole_speeder.model.prompt import pack_layout, slot_items
+from recbole_speeder.model.spae import NO_ITEM, SequentialPositionAwareness, time_gap_buckets
 
 
 def make_mrc(router: str = "learned", **kwargs) -> MixtureOfModalityExperts:
@@ -79,26 +79,41 @@ def test_time_gap_buckets_follow_the_log2_rule():
     assert buckets.tolist() == [expected]  # 1000 h is clamped to the last bucket; the pad gets 0
 
 
-@pytest.mark.parametrize("switch", ["absolute", "relative", "time"])
-def test_each_spae_cue_changes_the_output(switch):
+@pytest.mark.parametrize("switch", ["absolute", "time"])
+def test_each_spae_input_cue_changes_the_output(switch):
     lengths, timestamps = torch.tensor([3, 2]), torch.tensor([[0.0, 10.0, 1e6], [0.0, 5e4, 0.0]])
     torch.manual_seed(0)
-    full = SequentialPositionAwareness(8, max_len=3)
-    flags = {"absolute": True, "relative": True, "time": True, switch: False}
+    full = SequentialPositionAwareness(8, max_len=3, n_heads=2)
+    flags = {"absolute": True, "time": True, switch: False}
     torch.manual_seed(0)
-    ablated = SequentialPositionAwareness(8, max_len=3, **flags)
+    ablated = SequentialPositionAwareness(8, max_len=3, n_heads=2, **flags)
     ablated.load_state_dict(full.state_dict(), strict=False)
     assert not torch.allclose(full(lengths, 3, timestamps), ablated(lengths, 3, timestamps))
+    off = SequentialPositionAwareness(8, max_len=3, n_heads=2, absolute=False, time=False)
+    assert torch.count_nonzero(off(lengths, 3, timestamps)) == 0
 
 
-def test_spae_recency_counts_back_from_the_prediction_step():
-    spae = SequentialPositionAwareness(8, max_len=4, absolute=False, time=False)
-    cues = spae(torch.tensor([4, 2]), 4)
-    # the most recent item of either history has recency 1, whatever its absolute index
-    assert torch.allclose(cues[0, 3], cues[1, 1])
-    assert torch.allclose(cues[0, 2], cues[1, 0])
-    off = SequentialPositionAwareness(8, max_len=4, absolute=False, relative=False, time=False)
-    assert torch.count_nonzero(off(torch.tensor([4]), 4)) == 0
+def test_spae_attention_bias_follows_the_item_distance_under_the_causal_mask():
+    spae = SequentialPositionAwareness(8, max_len=4, n_heads=2)
+    with torch.no_grad():
+        spae.distance_bias.copy_(torch.tensor([[10.0, 11.0, 12.0, 13.0, 14.0], [20.0, 21.0, 22.0, 23.0, 24.0]]))
+    # prefix (2 tokens), item 0 (2 tokens), item 1, item 2, then the suffix: the predicted item, index 3
+    items = torch.tensor([[NO_ITEM, NO_ITEM, 0, 0, 1, 2, 3]])
+    low = torch.finfo(torch.float32).min
+    mask = spae.attention_mask(items, n_queries=5, dtype=torch.float32)  # the prefix is in a cache
+    assert mask.shape == (1, 2, 5, 7)
+    head = mask[0, 1]
+    assert head[0].tolist() == [0.0, 0.0, 20.0] + [low] * 4  # item 0's first token: the prefix, itself
+    assert head[3].tolist() == [0.0, 0.0, 22.0, 22.0, 21.0, 20.0, low]  # item 2 sees items 0 and 1 at 2 and 1
+    assert head[4].tolist() == [0.0, 0.0, 23.0, 23.0, 22.0, 21.0, 20.0]  # the suffix sees the last item at 1
+    assert torch.equal(mask[0, 0, 4], torch.tensor([0.0, 0.0, 13.0, 13.0, 12.0, 11.0, 10.0]))
+    # a prefix query attends the prefix only, unbiased; a padding key stays masked even after the query
+    whole = spae.attention_mask(items, n_queries=7, dtype=torch.float32, key_valid=torch.tensor([[1] * 5 + [0, 1]]))
+    assert whole[0, 0, 1].tolist() == [0.0, 0.0] + [low] * 5
+    assert whole[0, 0, 6].tolist() == [0.0, 0.0, 13.0, 13.0, 12.0, low, 10.0]
+    # only distances count: where the history goes on (item 3, then the suffix), its items' rows stay as they were
+    longer = spae.attention_mask(torch.tensor([[NO_ITEM, NO_ITEM, 0, 0, 1, 2, 3, 4]]), 6, torch.float32)
+    assert torch.equal(longer[..., :4, :7], mask[..., :4, :])
 
 
 def test_pack_layout_places_blocks_back_to_back_then_the_suffix():
@@ -112,6 +127,8 @@ def test_pack_layout_places_blocks_back_to_back_then_the_suffix():
     ]
     assert layout.item_end[0, :2].tolist() == [1, 4]
     assert layout.last.tolist() == [6, 2]
+    # for SPAE's distance bias, everything after the history (here up to slot 8) is the predicted item
+    assert slot_items(layout, torch.tensor([2, 1]), 8).tolist() == [[0, 0, 1, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1]]
 
 
 def test_tiling_windows_cover_every_target_once():

@@ -370,17 +370,21 @@ def test_generative_training_step_and_free_decoding_run(free_speeder):
 
 
 def test_text_mode_title_scores_equal_a_direct_forward(toy_dict):
-    """Cache, padding mask and positions of the decoding path agree with one plain forward per candidate."""
+    """Cache, attention masks (padding, SPAE's distance bias) and positions of the decoding path agree with one plain
+    forward per candidate."""
     config, model, _, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False,
                                 item_repr="text", autocast_dtype="float32")  # the reference runs in float32
     model.eval()
+    model.spae.distance_bias.data.normal_(std=0.5)  # it starts at zero
     answerer = model.generative
     item_seq = torch.tensor([[3, 5, 7, 0, 0, 0, 0, 0], [2, 4, 6, 8, 10, 12, 14, 16]])
     item_seq_len = torch.tensor([3, 8])
     candidates = torch.tensor([[1, 9, 11], [13, 15, 17]])
     with torch.no_grad():
         scores = answerer.answer_scores(model, item_seq, item_seq_len, None, candidates)
-        embeds, lengths, _, _ = answerer._prompt(model, item_seq, item_seq_len, None, model.item_tokens(), candidates)
+        embeds, items, lengths, _, _ = answerer._prompt(
+            model, item_seq, item_seq_len, None, model.item_tokens(), candidates
+        )
         prefix = model.llm.get_input_embeddings()(model.prefix_ids).float()
         for row in range(2):
             for slot, item in enumerate(candidates[row].tolist()):
@@ -388,7 +392,11 @@ def test_text_mode_title_scores_equal_a_direct_forward(toy_dict):
                 answer = answer[0, : int(length)]
                 tokens = model.llm.get_input_embeddings()(answer[:-1]).float()
                 sequence = torch.cat([prefix, embeds[row, : lengths[row]], tokens]).unsqueeze(0)
-                hidden = model.llm.get_decoder()(inputs_embeds=sequence).last_hidden_state[0, -len(answer):]
+                answer_items = items[row, lengths[row] - 1].expand(len(tokens))  # after the history, like the list
+                slot_items = torch.cat([items[row, : lengths[row]], answer_items]).unsqueeze(0)
+                mask = model.backbone_mask(slot_items, sequence.shape[1])
+                hidden = model.llm.get_decoder()(inputs_embeds=sequence, attention_mask=mask).last_hidden_state
+                hidden = hidden[0, -len(answer):]
                 logprobs = answerer._lm_logits(model, hidden).log_softmax(dim=-1)
                 expected = logprobs.gather(1, answer.unsqueeze(1)).mean()
                 assert scores[row, slot] == pytest.approx(float(expected), abs=1e-4)

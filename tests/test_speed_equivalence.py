@@ -15,7 +15,7 @@ from recbole.utils import init_seed
 
 from recbole_speeder.data.features import save_item_features
 from recbole_speeder.model import Speeder
-from recbole_speeder.model.prompt import length_groups
+from recbole_speeder.model.prompt import length_groups, slot_items
 from recbole_speeder.utils import create_dataset
 
 FLOAT32 = {"autocast_dtype": "float32"}
@@ -63,6 +63,8 @@ def build(data):
         init_seed(config["seed"], config["reproducibility"])
         model = Speeder(config, train._dataset)
         model.eval()
+        if model.spae.distance_bias is not None:  # it starts at zero: give the attention masks a bias to carry
+            model.spae.distance_bias.data.normal_(std=0.5)
         return model, train_batch, valid_batch
 
     return make
@@ -124,7 +126,8 @@ def test_length_groups_read_the_states_of_the_padded_batch_through_one_backbone_
     model.length_bucket_tokens = 4 * int(lengths.max())
     with torch.no_grad():
         embeds, layout = model._prompt_embeddings(*inputs)
-        dense = model._run_backbone(embeds)  # every row padded to the longest prompt, one call
+        items = slot_items(layout, inputs[1], layout.n_slots)
+        dense = model._run_backbone(embeds, items)  # every row padded to the longest prompt, one call
         for all_positions, reads in ((False, layout.last.unsqueeze(1)), (True, layout.item_end.clamp(min=0))):
             expected = dense.gather(1, reads.unsqueeze(-1).expand(-1, -1, dense.shape[-1]))
             states = model._states(*inputs, all_positions=all_positions)
@@ -149,8 +152,8 @@ def test_frozen_weights_kept_in_the_autocast_dtype_give_the_same_scores_loss_and
 
 
 def test_all_position_loss_is_the_mean_of_one_prefix_at_a_time(build):
-    """One forward over a history trains every next-item prediction, exactly, when no cue depends on its end."""
-    model, train, _ = build(spae_relative=False, **FLOAT32)
+    """One forward over a history trains every next-item prediction, exactly: no cue depends on the history's end."""
+    model, train, _ = build(**FLOAT32)
     rows = train[torch.arange(4)]  # the shortest windows: one forward per prefix follows
     with torch.no_grad():
         all_positions = model.calculate_loss(rows)

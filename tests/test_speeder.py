@@ -146,6 +146,32 @@ def test_predict_agrees_with_full_sort_predict(tiny_config, item_repr):
     assert torch.allclose(full[torch.arange(len(items)), items], pointwise, atol=1e-5)
 
 
+def test_all_position_training_reads_each_prefix_as_evaluating_it_alone(tiny_config):
+    """SPAE gives a training position the cues evaluation gives its prefix: nothing tells it how many items follow."""
+    model, train, _ = build(tiny_config(autocast_dtype="float32"))
+    model.eval()
+    batch = first_batch(train)
+    item_seq, item_seq_len, timestamps = model._inputs(batch)
+    row = int(item_seq_len.argmax())
+    n = int(item_seq_len[row])
+    history, stamps = item_seq[row : row + 1], timestamps[row : row + 1]
+    with torch.no_grad():
+        for param in model.spae.parameters():  # every cue matters, the distance bias too (it starts at zero)
+            param.normal_(std=0.5)
+        item_tokens = model.item_tokens()
+        trained = model._states(history, item_seq_len[row : row + 1], stamps, item_tokens, all_positions=True)
+        trained_scores = model._user_vectors(trained[0, :n]) @ model._item_vectors(item_tokens).T
+        for p in range(n):
+            # evaluation's view of the first p + 1 items: that prefix is the whole (right-padded) history
+            prefix = {model.ITEM_SEQ: history.clone(), model.time_list_field: stamps.clone()}
+            for values in prefix.values():
+                values[:, p + 1 :] = 0
+            prefix[model.ITEM_SEQ_LEN] = torch.tensor([p + 1])
+            scores = model.full_sort_predict(type(batch)(prefix))
+            assert torch.allclose(trained_scores[p], scores[0], atol=1e-4), p
+    assert n >= 10
+
+
 def test_text_mode_reads_item_text_and_costs_more_tokens(tiny_config):
     stats = {}
     for item_repr in ("mrc", "text"):

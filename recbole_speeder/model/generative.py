@@ -36,7 +36,7 @@ from transformers import DynamicCache
 
 from recbole_speeder.config_schema import GENERATE_LABELS
 from recbole_speeder.errors import UsageError
-from recbole_speeder.model.prompt import pack_layout, text_token_ids
+from recbole_speeder.model.prompt import pack_layout, slot_items, text_token_ids
 from recbole_speeder.protocol import candidate_count, check_list_batches
 
 LABEL_SETS = dict(zip(GENERATE_LABELS, ([chr(ord("A") + i) for i in range(26)], [str(i + 1) for i in range(99)]),
@@ -93,10 +93,12 @@ def named_candidate(answer: str, titles: list[str], rule: str) -> int:
 
 @dataclass
 class _Decoding:
-    """A prompt already run through the LLM, ready to continue: cache, attention mask, next position, last state."""
+    """A prompt already run through the LLM, ready to continue: cache, what its attention mask is built from (tokens
+    after the prefix), next position, last state."""
 
     cache: DynamicCache
-    mask: torch.Tensor  # [B, prefix + slots] 1 on real tokens
+    items: torch.Tensor  # [B, slots] history item of each token (``prompt.slot_items``)
+    valid: torch.Tensor  # [B, slots] True on real tokens
     next_position: torch.Tensor  # [B]
     last: torch.Tensor  # [B, d] hidden state of the prompt's last token
 
@@ -223,8 +225,9 @@ class GenerativeAnswerer(nn.Module):
         return embeds, layout.last + 1, layout.item_end[:, n + 1]
 
     def _prompt(self, model, item_seq, item_seq_len, timestamps, item_tokens, candidates, answer_ids=None,
-                answer_len=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The whole prompt after the prefix: ``(embeds, lengths, history readout slot, cue end slot)``."""
+                answer_len=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole prompt after the prefix: ``(embeds, history item per slot, lengths, history readout slot, cue
+        end slot)``."""
         history, layout = model._prompt_embeddings(item_seq, item_seq_len, timestamps, item_tokens)
         if answer_ids is None:
             answer_ids = torch.zeros(len(candidates), 0, dtype=torch.long, device=candidates.device)
@@ -241,7 +244,8 @@ class GenerativeAnswerer(nn.Module):
         from_section = section.gather(1, section_slot.unsqueeze(-1).expand(-1, -1, d))
         embeds = torch.where(in_history.unsqueeze(-1), from_history, from_section)
         model.prompt_token_stats["tokens"] += int((section_len - answer_len).sum())
-        return embeds, lengths, layout.last, history_len + cue_end
+        items = slot_items(layout, item_seq_len, embeds.shape[1])
+        return embeds, items, lengths, layout.last, history_len + cue_end
 
     # ------------------------------------------------------------------ answers
     def _answer_tokens(self, model, items: torch.Tensor, listed_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,10 +293,10 @@ class GenerativeAnswerer(nn.Module):
         item_tokens = model.item_tokens()
         answer, answer_len = self._answer_tokens(model, targets, listed_at)
         teacher = answer[:, :-1] if answer.shape[1] > 1 else answer[:, :0]
-        embeds, _, history_end, cue_end = self._prompt(
+        embeds, items, _, history_end, cue_end = self._prompt(
             model, item_seq, item_seq_len, timestamps, item_tokens, candidates, teacher, answer_len - 1
         )
-        hidden = model._run_backbone(embeds)
+        hidden = model._run_backbone(embeds, items)
         steps = torch.arange(answer.shape[1], device=answer.device)
         slots = (cue_end.unsqueeze(1) + steps).clamp(max=hidden.shape[1] - 1)
         read = hidden.gather(1, slots.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
@@ -307,7 +311,7 @@ class GenerativeAnswerer(nn.Module):
         return loss
 
     # ------------------------------------------------------------------ decoding
-    def _prompt_forward(self, model, embeds: torch.Tensor, lengths: torch.Tensor) -> _Decoding:
+    def _prompt_forward(self, model, embeds: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor) -> _Decoding:
         """Run right-padded prompts with their padding masked, keeping the cache to continue from each one's end."""
         batch, n_slots = embeds.shape[:2]
         n_prefix = model.prefix_ids.numel()
@@ -321,22 +325,26 @@ class GenerativeAnswerer(nn.Module):
             prefix = model.llm.get_input_embeddings()(model.prefix_ids).float().expand(batch, -1, -1)
             embeds = torch.cat([prefix, embeds], dim=1)
         real = torch.arange(n_slots, device=embeds.device) < lengths.unsqueeze(1)
-        mask = torch.cat([torch.ones(batch, n_prefix, dtype=torch.long, device=embeds.device), real.long()], dim=1)
         with model._autocast():  # the precision of the cached prefix and of every other backbone call
             out = model.llm.get_decoder()(
-                inputs_embeds=embeds.to(model.backbone_dtype), attention_mask=mask, cache=cache, use_cache=True
+                inputs_embeds=embeds.to(model.backbone_dtype),
+                attention_mask=model.backbone_mask(items, embeds.shape[1], real),
+                cache=cache,
+                use_cache=True,
             )
         last = out.last_hidden_state[torch.arange(batch, device=embeds.device), offset + lengths - 1]
-        return _Decoding(cache, mask, n_prefix + lengths, last.float())
+        return _Decoding(cache, items, real, n_prefix + lengths, last.float())
 
     def _continue(self, model, state: _Decoding, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed ``token_ids [B, T]`` after each prompt's end; returns their hidden states ``[B, T, d]``."""
         steps = torch.arange(token_ids.shape[1], device=token_ids.device)
-        state.mask = torch.cat([state.mask, torch.ones_like(token_ids)], dim=1)
+        # generated tokens come after the history, like the rest of the prompt's end: the same item index
+        state.items = torch.cat([state.items, state.items[:, -1:].expand_as(token_ids)], dim=1)
+        state.valid = torch.cat([state.valid, torch.ones_like(token_ids, dtype=torch.bool)], dim=1)
         with model._autocast():
             out = model.llm.get_decoder()(
                 inputs_embeds=model.llm.get_input_embeddings()(token_ids),
-                attention_mask=state.mask,
+                attention_mask=model.backbone_mask(state.items, token_ids.shape[1], state.valid),
                 position_ids=state.next_position.unsqueeze(1) + steps,
                 cache=state.cache,
                 use_cache=True,
@@ -389,8 +397,9 @@ class GenerativeAnswerer(nn.Module):
             logprob = first[row, answer[:, 0]]
             per_token = logprob.unsqueeze(1).expand(-1, answer.shape[1]).clone()
             if answer.shape[1] > 1:
-                user = _Decoding(DynamicCache(config=model.llm.config), state.mask[row : row + 1].expand(n, -1),
-                                 state.next_position[row : row + 1].expand(n), state.last[row : row + 1])
+                user = _Decoding(DynamicCache(config=model.llm.config), state.items[row : row + 1].expand(n, -1),
+                                 state.valid[row : row + 1].expand(n, -1), state.next_position[row : row + 1].expand(n),
+                                 state.last[row : row + 1])
                 for layer, cached in enumerate(state.cache.layers):
                     user.cache.update(cached.keys[row : row + 1].expand(n, -1, -1, -1),
                                       cached.values[row : row + 1].expand(n, -1, -1, -1), layer)
@@ -412,12 +421,14 @@ class GenerativeAnswerer(nn.Module):
     def answer_scores(self, model, item_seq, item_seq_len, timestamps, candidates: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, N]`` of the listed candidates (listing order): see the module docstring."""
         item_tokens = model.item_tokens()
-        embeds, lengths, _, cue_end = self._prompt(model, item_seq, item_seq_len, timestamps, item_tokens, candidates)
+        embeds, items, lengths, _, cue_end = self._prompt(
+            model, item_seq, item_seq_len, timestamps, item_tokens, candidates
+        )
         if self.item_repr == "mrc" and self.decoder == "constrained":
-            hidden = model._run_backbone(embeds)
+            hidden = model._run_backbone(embeds, items)
             last = hidden[torch.arange(len(candidates), device=candidates.device), cue_end]
             return self._lm_logits(model, last, self.label_ids[: candidates.shape[1]]).log_softmax(dim=-1)
-        state = self._prompt_forward(model, embeds, lengths)
+        state = self._prompt_forward(model, embeds, items, lengths)
         first = self._lm_logits(model, state.last).log_softmax(dim=-1)
         if self.decoder == "constrained":
             return self._title_scores(model, state, candidates, first)

@@ -50,6 +50,17 @@ def pack_layout(block_lengths: torch.Tensor, suffix_length: int) -> PackedLayout
     )
 
 
+def slot_items(layout: PackedLayout, lengths: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """History item of each of the first ``n_slots`` slots ``[B, n_slots]``, for SPAE's distance bias: every slot
+    after the history (suffix, generative section, padding, even past ``layout``) counts as the predicted item,
+    index ``lengths`` (the number of history items)."""
+    index = layout.item_index[:, :n_slots]
+    items = torch.where(index >= 0, index, lengths.unsqueeze(1))
+    if n_slots > index.shape[1]:
+        items = torch.cat([items, lengths.unsqueeze(1).expand(-1, n_slots - index.shape[1])], dim=1)
+    return items
+
+
 def length_groups(lengths: torch.Tensor, max_tokens: int, max_padding: float) -> list[torch.Tensor]:
     """Row indices of a batch in groups of similar prompt length, each padded only to its own longest prompt.
 

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from recbole_speeder.data.item_features import build_item_features, item_texts
+from recbole_speeder.errors import UsageError
 from recbole_speeder.model.backbone import load_backbone, store_frozen_linears_in
 from recbole_speeder.model.generative import GenerativeAnswerer, distinct_histories
 from recbole_speeder.model.mrc import MixtureOfModalityExperts
@@ -31,9 +32,10 @@ from recbole_speeder.model.prompt import (
     length_groups,
     marker_token_ids,
     pack_layout,
+    slot_items,
     text_token_ids,
 )
-from recbole_speeder.model.spae import SequentialPositionAwareness
+from recbole_speeder.model.spae import NO_ITEM, SequentialPositionAwareness
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -107,12 +109,16 @@ class Speeder(SequentialRecommender):
         self.spae = SequentialPositionAwareness(
             self.d_model,
             self.max_seq_length,
+            n_heads=self.llm.config.num_attention_heads,
             absolute=config["spae_absolute"],
             relative=config["spae_relative"],
             time=config["spae_time"] and has_time,
             n_time_buckets=config["spae_time_buckets"],
             time_unit=config["spae_time_unit"],
         )
+        attention = self.llm.config._attn_implementation
+        if self.spae.distance_bias is not None and attention not in ("eager", "sdpa"):
+            raise UsageError(f"spae_relative biases attention through its mask: use eager or sdpa, not {attention}")
 
         # prompt pieces, as token ids embedded by the frozen LLM table
         tokenizer = self.tokenizer
@@ -301,35 +307,58 @@ class Speeder(SequentialRecommender):
             self._prefix_kv = [(k.detach(), v.detach()) for k, v in key_values]
         return key_values
 
+    def backbone_mask(
+        self, items: torch.Tensor, n_queries: int, key_valid: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The backbone's attention mask for prompt tokens of history items ``items [B, K]`` (``slot_items``)
+        after the instruction prefix, the queries being the last ``n_queries`` tokens, prefix
+        included; ``key_valid [B, K]`` marks real tokens where padding precedes a query (generation).
+
+        With SPAE's relative cue, a 4D mask carrying its item-distance bias; otherwise ``key_valid`` as the usual
+        2D padding mask, or None: plain causal attention, the fast kernels' path.
+        """
+        n_prefix = self.prefix_ids.numel()
+        if key_valid is not None:
+            key_valid = torch.cat([key_valid.new_ones(len(key_valid), n_prefix), key_valid], dim=1)
+        if self.spae.distance_bias is None:
+            return None if key_valid is None else key_valid.long()
+        items = torch.cat([items.new_full((len(items), n_prefix), NO_ITEM), items], dim=1)
+        return self.spae.attention_mask(items, n_queries, self.autocast_dtype or self.backbone_dtype, key_valid)
+
     def _run_backbone(
-        self, embeds: torch.Tensor, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self,
+        embeds: torch.Tensor,
+        items: torch.Tensor,
+        prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Float32 hidden states of the prompt tokens after the prefix (from ``prefix_kv`` when given)."""
+        """Float32 hidden states of right-padded prompt tokens after the prefix, whose history items are ``items``
+        (``slot_items``); the prefix comes from ``prefix_kv`` when given, or the cache, or is prepended."""
         decoder = self.llm.get_decoder()
         embeds = embeds.to(self.backbone_dtype)
-        batch, n_prefix = embeds.shape[0], self.prefix_ids.numel()
+        (batch, n_slots), n_prefix = embeds.shape[:2], self.prefix_ids.numel()
+        cache = None
         with self._autocast():
             if n_prefix and self.prefix_cache:
                 cache = DynamicCache(config=self.llm.config)
                 for layer, (keys, values) in enumerate(prefix_kv or self._prefix_key_values()):
                     cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
-                hidden = decoder(inputs_embeds=embeds, cache=cache, use_cache=True).last_hidden_state
-            else:
-                if n_prefix:
-                    prefix = self.llm.get_input_embeddings()(self.prefix_ids).expand(batch, -1, -1)
-                    embeds = torch.cat([prefix, embeds], dim=1)
-                hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, n_prefix:]
-        return hidden.float()
+            elif n_prefix:
+                prefix = self.llm.get_input_embeddings()(self.prefix_ids).expand(batch, -1, -1)
+                embeds = torch.cat([prefix, embeds], dim=1)
+            mask = self.backbone_mask(items, embeds.shape[1])
+            hidden = decoder(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=cache is not None)
+        return hidden.last_hidden_state[:, -n_slots:].float()
 
     def _hidden_states(
         self,
         values: torch.Tensor,
         where: tuple[torch.Tensor, torch.Tensor],
         layout: PackedLayout,
+        n_items: torch.Tensor,
         all_positions: bool,
     ) -> torch.Tensor:
         """States read at every item's end ``[B, L, d]`` or at the prompt's end ``[B, d]``, from the prompts' real
-        tokens ``values`` at ``where = (row, slot)``.
+        tokens ``values`` at ``where = (row, slot)`` of histories of ``n_items`` items.
 
         Rows run through the backbone in groups of similar prompt length (``length_bucket_*``), each cut to its
         own longest prompt: right padding never reaches a real token under the causal mask, so the states
@@ -349,9 +378,11 @@ class Speeder(SequentialRecommender):
             starts.append(starts[-1] + n_rows * n_slots)
         rows, slots = where
         buffer = values.new_zeros(starts[-1], self.d_model).index_put_((row_start[rows] + slots,), values)
+        items = slot_items(layout, n_items, layout.n_slots)
         parts = []
         for group, start, shape in zip(groups, starts[:-1], shapes, strict=True):
-            hidden = self._run_backbone(buffer[start : start + shape[0] * shape[1]].view(*shape, -1), prefix_kv)
+            embeds = buffer[start : start + shape[0] * shape[1]].view(*shape, -1)
+            hidden = self._run_backbone(embeds, items[group, : shape[1]], prefix_kv)
             parts.append(hidden.gather(1, reads[group].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
         # one group is the batch in its own order; several come sorted by length and are put back
         states = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.cat(groups).argsort()]
@@ -372,7 +403,7 @@ class Speeder(SequentialRecommender):
     def _states(self, item_seq, item_seq_len, timestamps, item_tokens, all_positions: bool) -> torch.Tensor:
         """The backbone's states before the user head, shaped like ``forward``'s output."""
         values, where, layout = self._prompt_tokens(item_seq, item_seq_len, timestamps, item_tokens)
-        return self._hidden_states(values, where, layout, all_positions)
+        return self._hidden_states(values, where, layout, item_seq_len, all_positions)
 
     def _inputs(self, interaction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         timestamps = interaction[self.time_list_field] if self.time_list_field in interaction else None

@@ -1,16 +1,18 @@
 r"""SpeederTrainer: RecBole's ``Trainer`` loop run as MPO stages, with trainable-only checkpoints and resume.
 
-MPO (progressive optimisation): each stage of ``mpo_stages`` sets the model's active modalities and which
-parameter groups (mrc, spae, head, lora) train, rebuilds the optimizer and scheduler over those parameters
-only, resets early stopping, and starts from the best valid weights of the stage before. One stage (or
-``mpo_stages: ~``) is RecBole's ``Trainer.fit``, step for step.
+MPO (progressive optimisation, ``schedule.py``): each stage of ``mpo_stages`` sets the model's active modalities
+and which parameter groups (mrc, spae, head, lora) train, and starts from the best valid weights of the stage
+before; this loop rebuilds the optimizer and scheduler over those parameters only and resets early stopping per
+stage. The run's model is the best of all stages. One stage (or ``mpo_stages: ~``) is RecBole's ``Trainer.fit``,
+step for step.
 
 Checkpoints (``checkpoint.py``) hold only the parameters the groups can train; the frozen backbone is never
-copied. ``<run>.safetensors`` holds the best weights (what ``evaluate(load_best_model=True)`` loads);
-``<run>.resume.safetensors`` adds the optimizer, scheduler, every RNG stream and the position (stage, epoch,
-batch), written at each epoch end and every ``checkpoint_every_steps`` steps. ``resume: <file>`` continues
-from it with the result an unbroken run would have given: same shuffle (the dataloader generator's state at
-the epoch start), the trained batches of that epoch skipped, then the RNG states of the moment of saving.
+copied. ``<run>.safetensors`` holds the best weights of the schedule so far (what
+``evaluate(load_best_model=True)`` loads); ``<run>.resume.safetensors`` adds the optimizer, scheduler, every RNG
+stream, the running stage's best weights and the position (stage, epoch, batch), written at each epoch end and
+every ``checkpoint_every_steps`` steps. ``resume: <file>`` continues from it with the result an unbroken run would
+have given: same shuffle (the dataloader generator's state at the epoch start), the trained batches of that epoch
+skipped, then the RNG states of the moment of saving.
 
 Distributed (``--nproc``): the loss runs through a ``DistributedDataParallel`` wrapper rebuilt per stage over
 the parameters that stage trains; frozen parameters and buffers are never synchronised after one initial
@@ -45,15 +47,10 @@ from recbole_speeder.trainer.distributed import (
     is_main_process,
 )
 from recbole_speeder.trainer.rng import rng_state, set_rng_state
+from recbole_speeder.trainer.schedule import Best, MPOSchedule
 from recbole_speeder.trainer.schedulers import build_scheduler
 from recbole_speeder.trainer.stages import GROUPS, Stage, parse_stages
-from recbole_speeder.trainer.weights import (
-    PREFIX,
-    frozen_bytes,
-    load_trainable,
-    trainable_named_parameters,
-    trainable_tensors,
-)
+from recbole_speeder.trainer.weights import frozen_bytes, load_trainable, trainable_named_parameters, trainable_tensors
 
 BEST_SUFFIX = ".safetensors"
 RESUME_SUFFIX = ".resume.safetensors"
@@ -117,25 +114,25 @@ def _mb(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.1f} MB"
 
 
+def _read_best(path: str) -> Best:
+    tensors, state = read_checkpoint(path)
+    return Best(tensors, state["valid_score"], state["valid_result"], state["stage"], state["epoch"],
+                tuple(state["modalities"]))
+
+
 class SpeederTrainer(Trainer, _DeferredDDP):
     def __init__(self, config, model):
         os.makedirs(config["checkpoint_dir"], exist_ok=True)  # RecBole's check-then-create races between ranks
         super().__init__(config, model)
         if not hasattr(model, "parameter_groups"):
             raise UsageError(f"SpeederTrainer needs a model with parameter_groups(); {type(model).__name__} has none")
-        self.groups = model.parameter_groups()
-        self.stages: list[Stage] = parse_stages(
+        stages = parse_stages(
             config["mpo_stages"],
             epochs=config["epochs"],
             learning_rate=config["learning_rate"],
             modalities=list(model.mrc.modalities),
         )
-        for stage in self.stages:
-            if not any(self.groups[group] for group in stage.train):
-                raise UsageError(
-                    f"MPO stage '{stage.name}' trains nothing: groups {list(stage.train)} have no parameters "
-                    "(lora needs lora_r > 0)"
-                )
+        self.schedule = MPOSchedule(stages, model.parameter_groups(), bool(self.valid_metric_bigger))
         capable = {id(p) for _, p in trainable_named_parameters(model)}
         stray = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in capable]
         if stray:
@@ -152,11 +149,9 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         self.saved = True
         self.stage_index = self.stage_epoch = self.batch_index = 0
         self.global_step = self.epochs_done = 0
-        self.stage_results: list[dict] = []
         self.trainable: list[nn.Parameter] = []
         self.scheduler = None
         self.distributed_model = None
-        self._best_state: dict[str, torch.Tensor] | None = None
         self._best_file_written = False
         self._epoch_loss = None
         self._sampler_state: torch.Tensor | None = None
@@ -166,34 +161,21 @@ class SpeederTrainer(Trainer, _DeferredDDP):
             self.resume_checkpoint(config["resume"])
 
     # ------------------------------------------------------------------ stages
-    def _log_schedule(self) -> None:
-        lines = [
-            f"MPO: {len(self.stages)} stage(s); each starts from the weights that scored best on valid in the one "
-            "before, with a fresh optimizer over its trainable groups and fresh early stopping"
-        ]
-        for i, stage in enumerate(self.stages):
-            lines.append(
-                f"  {i + 1}. {stage.name}: modalities {list(stage.modalities)}, train {list(stage.train)}, "
-                f"{stage.epochs} epochs, lr {stage.learning_rate:g}"
-            )
-        self.logger.info(set_color("\n".join(lines), "blue"))
+    @property
+    def stages(self) -> list[Stage]:
+        return self.schedule.stages
 
     def _enter_stage(self, train_data) -> None:
-        """Modalities, trainable groups, optimizer, scheduler and early stopping of the current stage."""
+        """The current stage's modalities and trainable groups (``schedule.py``), and this loop's optimizer,
+        scheduler, early stopping and DDP wrapper for it."""
         stage = self.stages[self.stage_index]
         resume = self._resume
         fresh = resume is None or resume["optimizer"] is None
         if fresh:
-            if self.stage_index > 0 and self._best_state is not None:
-                load_trainable(self.model, self._best_state, "best weights of the previous stage")
             self.best_valid_score = -np.inf if self.valid_metric_bigger else np.inf
             self.best_valid_result = None
             self.cur_step = 0
-        self.model.set_modalities(list(stage.modalities))
-        train_ids = {id(p) for group in stage.train for p in self.groups[group]}
-        for _, param in trainable_named_parameters(self.model):
-            param.requires_grad_(id(param) in train_ids)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = self.schedule.enter(self.model, self.stage_index)
         self.optimizer = self._build_optimizer(params=self.trainable, learning_rate=stage.learning_rate)
         self.scheduler = build_scheduler(
             self.optimizer, self.config["lr_scheduler"], self.config["warmup_steps"], stage.epochs * len(train_data)
@@ -235,25 +217,27 @@ class SpeederTrainer(Trainer, _DeferredDDP):
 
     # ------------------------------------------------------------------ training loop
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        """All MPO stages (from the resume position, if any); returns the last stage's best valid score/result."""
+        """All MPO stages (from the resume position, if any). The model ends with the best weights of the whole
+        schedule, whose valid score and result are returned."""
         self.saved = saved
         self.eval_collector.data_collect(train_data)
         if self.config["train_neg_sample_args"].get("dynamic", False):
             train_data.get_model(self.model)
         if verbose:
-            self._log_schedule()
+            self.logger.info(set_color(self.schedule.describe(), "blue"))
         while self.stage_index < len(self.stages):
             self._enter_stage(train_data)
             self._run_stage(train_data, valid_data, verbose, show_progress, callback_fn)
             self.stage_index += 1
             self.stage_epoch = 0
         barrier()  # rank 0 has written the best checkpoint before any rank loads it
-        if verbose and self.stage_results:
-            summary = "; ".join(
-                f"{r['stage']}: {r['epochs']} epochs, best {self.valid_metric} {r['best_valid_score']}"
-                for r in self.stage_results
-            )
-            self.logger.info(set_color("MPO stages", "blue") + f": {summary}")
+        best = self.schedule.best
+        if best is not None:
+            self.schedule.load_best(self.model)
+            if best.score is not None:
+                self.best_valid_score, self.best_valid_result = best.score, best.result
+        if verbose:
+            self.logger.info(set_color("MPO stages", "blue") + f": {self.schedule.summary(self.valid_metric)}")
         self._add_hparam_to_tensorboard(self.best_valid_score)
         return self.best_valid_score, self.best_valid_result
 
@@ -275,15 +259,8 @@ class SpeederTrainer(Trainer, _DeferredDDP):
             self._sampler_state = train_data.generator.get_state()
             stop = self._validate(valid_data, epoch_idx, verbose, show_progress, callback_fn)
             done = stop or self.stage_epoch == stage.epochs
-            if done:
-                self.stage_results.append(
-                    {
-                        "stage": stage.name,
-                        "epochs": self.stage_epoch,
-                        "best_valid_score": self.best_valid_score,
-                        "best_valid_result": self.best_valid_result,
-                    }
-                )
+            if done:  # the next stage starts from this one's best weights
+                self.schedule.finish_stage(self.model, self.stage_index, self.stage_epoch)
             self._save_resume(done)
             if stop:
                 break
@@ -404,9 +381,8 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         }
 
     def _save_best(self, epoch_idx: int, score, result) -> None:
-        """Keep the best weights in memory (the next stage starts from them) and, if saving, on disk."""
-        self._best_state = {PREFIX + n: p.detach().clone() for n, p in trainable_named_parameters(self.model)}
-        if not self.saved:
+        """The stage's best weights so far: kept in memory, and on disk when they are the schedule's best."""
+        if not self.schedule.record(self.model, self.stage_index, epoch_idx, score, result) or not self.saved:
             return
         if is_main_process():
             state = {
@@ -418,8 +394,8 @@ class SpeederTrainer(Trainer, _DeferredDDP):
                 "valid_score": score,
                 "valid_result": result,
             }
-            size = write_checkpoint(self.saved_model_file, self._best_state, pack(state, "state", {}))
-            self.logger.info(set_color("Saving current", "blue") + f": {self.saved_model_file} ({_mb(size)})")
+            size = write_checkpoint(self.saved_model_file, self.schedule.best.tensors, pack(state, "state", {}))
+            self.logger.info(set_color("Saving current best", "blue") + f": {self.saved_model_file} ({_mb(size)})")
         self._best_file_written = True
 
     def _save_resume(self, done: bool) -> None:
@@ -448,7 +424,7 @@ class SpeederTrainer(Trainer, _DeferredDDP):
             "best_valid_score": self.best_valid_score,
             "best_valid_result": self.best_valid_result,
             "cur_step": self.cur_step,
-            "stage_results": self.stage_results,
+            "stage_results": self.schedule.results,
             "epoch_loss": self._epoch_loss,
             "best_file": Path(self.saved_model_file).name,  # beside this file: the run folder may move
             "world_size": len(rng),
@@ -458,6 +434,8 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         state["scheduler"] = None if done else pack(self.scheduler.state_dict(), "scheduler", tensors)
         state["rng"] = pack(rng, "rng", tensors)
         state["sampler"] = pack(self._sampler_state, "sampler", tensors)
+        stage_best = self.schedule.stage_best  # a finished stage's best is already the model's weights
+        state["stage_best"] = None if stage_best is None else pack(vars(stage_best), "stage_best", tensors)
         size = write_checkpoint(self.resume_file, tensors, state)
         self.logger.info(
             set_color("Saving resume checkpoint", "blue")
@@ -472,6 +450,8 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         tensors, state = read_checkpoint(path)
         if state.get("kind") != "resume":
             raise CheckpointError(f"{path} holds the best weights only; resume from the run's *{RESUME_SUFFIX} file")
+        if "stage_best" not in state:
+            raise CheckpointError(f"{path} was written before MPO kept the best weights of every stage: start afresh")
         for key in ("model", "dataset"):
             if state.get(key) != self.config[key]:
                 raise CheckpointError(f"{path} was written for {key} '{state.get(key)}', not '{self.config[key]}'")
@@ -484,12 +464,16 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         self.resume_file = str(path)
         self.saved_model_file = str(path.parent / state["best_file"])
         self._best_file_written = Path(self.saved_model_file).is_file()
-        self._best_state = read_checkpoint(self.saved_model_file)[0] if self._best_file_written else None
+        # the schedule's best as the best file has it: a file written after this checkpoint holds the replayed
+        # epochs' best, and its own score, so weights and score always agree
+        self.schedule.best = _read_best(self.saved_model_file) if self._best_file_written else None
+        stage_best = unpack(state["stage_best"], tensors)
+        self.schedule.stage_best = None if stage_best is None else Best(**stage_best)
+        self.schedule.results = state["stage_results"]
         self.stage_index, self.stage_epoch, self.batch_index = position["stage"], position["epoch"], position["batch"]
         self.global_step, self.epochs_done = state["global_step"], state["epochs_done"]
         self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]
         self.cur_step = state["cur_step"]
-        self.stage_results = state["stage_results"]
         self._epoch_loss = unpack(state["epoch_loss"], tensors)
         rng = unpack(state["rng"], tensors)
         rank = torch.distributed.get_rank() if is_distributed() else 0
@@ -510,9 +494,7 @@ class SpeederTrainer(Trainer, _DeferredDDP):
 
     def _load_best(self, model_file: str | None) -> None:
         if model_file is None and not self._best_file_written:
-            if self._best_state is None:
-                raise UsageError("evaluate(load_best_model=True) before any best weights were saved: run fit() first")
-            load_trainable(self.model, self._best_state, "best weights in memory")
+            self.schedule.load_best(self.model)
             self.logger.info("Loading the best weights kept in memory (saved=False)")
             return
         path = model_file or self.saved_model_file
