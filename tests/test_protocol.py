@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import pickle
 import sys
 from pathlib import Path
 
@@ -11,13 +14,14 @@ import torch
 import yaml
 from recbole.data import data_preparation
 from recbole.evaluator import Collector, Evaluator
-from recbole.utils import init_seed
+from torch.utils.data import DataLoader
 
 from recbole_speeder.config import Config
 from recbole_speeder.data.features import save_item_features
 from recbole_speeder.errors import UsageError
-from recbole_speeder.protocol import seed_eval_candidates
+from recbole_speeder.protocol import SeededCandidateSampler, seed_eval_candidates
 from recbole_speeder.quick_start import run_recbole_speeder
+from recbole_speeder.trainer.rng import seed_run
 from recbole_speeder.utils import create_dataset, get_model
 
 DATASET = "toyproto"
@@ -77,10 +81,10 @@ def toy_dict(toy_root, tmp_path_factory) -> dict:
 
 def build(model: str, config_dict: dict, **overrides):
     config = Config(model, DATASET, config_dict={**config_dict, **overrides})
-    init_seed(config["seed"], config["reproducibility"])
+    seed_run(config["seed"], config["reproducibility"])
     train, valid, test = data_preparation(config, create_dataset(config))
     seed_eval_candidates(config, valid, test)
-    init_seed(config["seed"], config["reproducibility"])
+    seed_run(config["seed"], config["reproducibility"])
     return config, get_model(model)(config, train._dataset), valid, test
 
 
@@ -146,6 +150,30 @@ def test_seeded_candidates_ignore_the_global_rng_and_recbole_draws_do_not(toy_di
     assert len(lists["seeded"][0]) == USERS and all(len(c) == n for _, c in lists["seeded"][0])
     assert lists["seeded"][0] == lists["seeded"][1]
     assert lists["recbole"][0] != lists["recbole"][1]
+
+
+def draw_negatives(sampler, users: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DataLoader ``collate_fn``: the users of a batch and their 19 negatives, drawn in a worker process."""
+    ids = torch.tensor(users)
+    return ids, sampler.sample_by_user_ids(ids, torch.ones_like(ids), 19)
+
+
+def test_seeded_sampler_pickles_copies_and_draws_the_same_lists_in_spawned_workers(toy_dict):
+    _, _, _, test = build("SASRec", toy_dict)
+    seeded = test._sampler
+    assert isinstance(seeded, SeededCandidateSampler)
+    users = torch.arange(1, USERS + 1)
+    drawn = seeded.sample_by_user_ids(users, torch.ones_like(users), 19)
+    for clone in (pickle.loads(pickle.dumps(seeded)), copy.copy(seeded), copy.deepcopy(seeded)):
+        assert (clone.seed, clone.phase) == (seeded.seed, "test")
+        assert torch.equal(clone.sample_by_user_ids(users, torch.ones_like(users), 19), drawn)
+    # spawned workers (the start method on macOS and Windows, and of CUDA users) get a pickled copy of the sampler
+    workers = DataLoader(users.tolist(), batch_size=4, collate_fn=functools.partial(draw_negatives, seeded),
+                         num_workers=2, multiprocessing_context="spawn")
+    batches = list(workers)
+    assert len(batches) == -(-USERS // 4)
+    for ids, negatives in batches:
+        assert torch.equal(negatives, draw_negatives(seeded, ids.tolist())[1])
 
 
 def test_every_model_scores_the_same_candidates_and_constrained_answers_are_all_valid(toy_dict, monkeypatch, tmp_path):
