@@ -21,7 +21,6 @@ if __package__ in (None, ""):  # `python bench/ablation.py` from a checkout: mak
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recbole.data import data_preparation  # noqa: E402
-from recbole.utils import init_seed  # noqa: E402
 
 from bench.efficiency import check_data, quiet_config, shared_backbone  # noqa: E402
 from bench.measure import adam, median, paired_ratio, paired_timings, scoring, training_step  # noqa: E402
@@ -30,6 +29,7 @@ from bench.workload import build_workload  # noqa: E402
 from recbole_speeder.config import Config  # noqa: E402
 from recbole_speeder.errors import UsageError  # noqa: E402
 from recbole_speeder.model import Speeder  # noqa: E402
+from recbole_speeder.trainer.rng import seed_run  # noqa: E402
 from recbole_speeder.utils import create_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         base = quiet_config(args.data_path, workdir)
         config = Config("Speeder", args.dataset, config_dict=base)
-        init_seed(config["seed"], config["reproducibility"])
+        seed_run(config["seed"], config["reproducibility"])
         train, valid, _ = data_preparation(config, create_dataset(config))
         train_rows = args.train_rows or config["train_batch_size"]
         eval_users = args.eval_users or config["eval_batch_size"]
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             print(f"building {name} ...", flush=True)
             variant = Config("Speeder", args.dataset, config_dict={**base, **VARIANTS[name][0]})
-            init_seed(variant["seed"], variant["reproducibility"])
+            seed_run(variant["seed"], variant["reproducibility"])
             models[name] = Speeder(variant, train._dataset)
 
         print(f"{len(names)} variants, {args.repeats} rounds ...", flush=True)

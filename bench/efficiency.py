@@ -30,13 +30,13 @@ if __package__ in (None, ""):  # `python bench/efficiency.py` from a checkout: m
 
 import torch  # noqa: E402
 from recbole.data import data_preparation  # noqa: E402
-from recbole.utils import init_seed  # noqa: E402
 
 from bench.measure import adam, median, paired_ratio, paired_timings, peak_rss, scoring, training_step  # noqa: E402
 from bench.report import ModelRow, publish, run_cli, section  # noqa: E402
 from bench.workload import Workload, build_workload  # noqa: E402
 from recbole_speeder.config import Config  # noqa: E402
 from recbole_speeder.errors import UsageError  # noqa: E402
+from recbole_speeder.trainer.rng import seed_run  # noqa: E402
 from recbole_speeder.utils import create_dataset, get_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,13 +128,13 @@ def build_models(args, overrides: list[str], workdir: str):
         )
     configs["SASRec"] = Config("SASRec", args.dataset, config_dict=base)
     config = configs["Speeder"]
-    init_seed(config["seed"], config["reproducibility"])
+    seed_run(config["seed"], config["reproducibility"])
     print(f"loading {args.dataset} from {args.data_path} ...", flush=True)
     train, valid, _ = data_preparation(config, create_dataset(config))
     models = {}
     for name, model_config in configs.items():
         print(f"building {name} ...", flush=True)
-        init_seed(model_config["seed"], model_config["reproducibility"])
+        seed_run(model_config["seed"], model_config["reproducibility"])
         models[name] = get_model(model_config["model"])(model_config, train._dataset)
     return config, train, valid, models
 

@@ -47,6 +47,10 @@ class SeededCandidateSampler:
             np.random.set_state(state)
 
     def __getattr__(self, name: str):
+        # pickle and copy build the object without __init__ and then look up __setstate__ & co: with no
+        # ``sampler`` yet, delegating would look ``sampler`` up here again, forever
+        if name == "sampler":
+            raise AttributeError(name)
         return getattr(self.sampler, name)
 
 

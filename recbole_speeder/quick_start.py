@@ -9,10 +9,11 @@ from logging import getLogger
 import torch
 import torch.distributed as dist
 from recbole.data import data_preparation
-from recbole.utils import get_environment, init_logger, init_seed, set_color
+from recbole.utils import get_environment, init_logger, set_color
 
 from recbole_speeder.config import Config
 from recbole_speeder.protocol import evaluate_test, seed_eval_candidates, tag_results_with_protocol
+from recbole_speeder.trainer.rng import seed_run
 from recbole_speeder.utils import create_dataset, get_model, get_trainer
 
 
@@ -54,7 +55,7 @@ def _run_rank(rank: int, model: str, dataset: str, config_file_list, kwargs: Mut
 
 def start_logging(config) -> None:
     """Seed and open RecBole's log for a run; every result line names its evaluation protocol."""
-    init_seed(config["seed"], config["reproducibility"])
+    seed_run(config["seed"], config["reproducibility"])
     init_logger(config)
     tag_results_with_protocol(config)
 
@@ -67,7 +68,7 @@ def build_data_and_model(config) -> tuple[object, tuple, torch.nn.Module]:
     logger.info(data)
     loaders = data_preparation(config, data)
     seed_eval_candidates(config, loaders[1], loaders[2])
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    seed_run(config["seed"] + config["local_rank"], config["reproducibility"])
     recommender = get_model(config["model"])(config, loaders[0]._dataset).to(config["device"])
     logger.info(recommender)
     return data, loaders, recommender

@@ -4,7 +4,18 @@ aggregation on synthetic results."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +34,8 @@ from recbole_speeder.experiments.runner import unknown_keys
 from recbole_speeder.experiments.search_space import parse_space
 from recbole_speeder.experiments.variants import VARIANTS, parse_compare
 from recbole_speeder.resources import properties_dir
+
+from .conftest import REPO
 
 # 100 users with 20-23 interactions each; short histories: seconds per model.
 TINY = ["--dataset=ml-100k", "--show_progress=False", "--state=WARNING", "--log_wandb=False",
@@ -299,3 +312,91 @@ def test_hyperopt_grid_records_a_failed_trial_and_goes_on(tmp_path, monkeypatch)
     assert summary["best_trial"]["best_valid_score"] == trials["valid_ndcg@10"].iloc[0]
     assert yaml.safe_load(Path(summary["best_config"]).read_text())["learning_rate"] == 0.002
     assert "trial_001" in (Path(summary["results_dir"]) / "trials.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- --tune on a cluster
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ray_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ray.scripts.scripts", *args]
+
+
+@pytest.fixture
+def ray_cluster(tmp_path) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """A one-node Ray cluster started the way users start one, ``ray start --head``: (address, node id, env).
+
+    It uses token authentication, Ray's default once a machine has a token, with a token of its own. It is stopped
+    through its own ``ray start --block`` process and process group, not ``ray stop``, which ends every Ray process
+    of the user: other people's sweeps on a shared machine too.
+    """
+    pytest.importorskip("ray")
+    token = tmp_path / "ray_token"
+    token.write_text(uuid.uuid4().hex)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # an earlier ray.init() sets some
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    port = free_port()
+    ports = [f"--{name}-port={free_port()}" for name in ("ray-client-server", "dashboard-agent-listen",
+                                                           "metrics-export", "runtime-env-agent")]
+    with open(tmp_path / "ray_start.log", "w") as log:
+        head = subprocess.Popen(
+            ray_cli("start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
+                    "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block", *ports),
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline, status = time.monotonic() + 120, ""
+        while "node_" not in status:
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "ray_start.log").read_text()
+            time.sleep(1)
+            status = subprocess.run(ray_cli("status", f"--address={address}"), env=env, capture_output=True,
+                                    text=True).stdout
+        (node_id,) = re.findall(r"node_([0-9a-f]+)", status)
+        yield address, node_id, env
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        finally:
+            try:
+                os.killpg(head.pid, signal.SIGKILL)  # whatever of its own group outlived it
+            except ProcessLookupError:
+                pass
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_sweep_on_a_started_cluster_runs_its_trials_there_and_asha_stops_the_bad_one(
+        tmp_path, ray_cluster, random_text_features):
+    address, node_id, env = ray_cluster
+    (tmp_path / "space.hyper").write_text("learning_rate choice [0.01, 1e-7]  # the second barely leaves its init\n")
+    command = [sys.executable, str(REPO / "run_recbole_speeder.py"), "--model=Speeder", "--tune=space.hyper",
+               "--tune_search=grid", "--tune_cpus=2", "--tune_gpus=0", f"--ray_address={address}",
+               "--epochs=3", "--train_batch_size=32", "--mpo_stages=~", "--backbone_path=tiny-random",
+               f"--text_feature_file={random_text_features}", "--checkpoint_dir=saved", "--results_dir=results",
+               *TINY]
+
+    # without the cluster's token: after Ray's own retries (logged), one line saying what to set; no report folder
+    refused = subprocess.run(command, cwd=tmp_path, env={k: v for k, v in env.items() if k != "RAY_AUTH_MODE"},
+                             capture_output=True, text=True, timeout=600)
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert last.startswith(f"error: the Ray cluster at {address} uses token authentication: run with RAY_AUTH_MODE")
+    assert not list((tmp_path / "results").rglob("*.*"))
+
+    # one trial at a time (2 CPUs each on a 2-CPU cluster), in grid order: ASHA sees the good one first
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (out,) = (tmp_path / "results" / "ml-100k").glob("tune-Speeder-*")
+    trials = pd.read_csv(out / "trials.csv").set_index("learning_rate")
+    assert set(trials["node_id"]) == {node_id}, "the trials ran on another Ray cluster than the one started"
+    assert trials.loc[0.01, "status"] == "finished" and trials.loc[0.01, "epochs"] == 3
+    assert trials.loc[1e-7, "status"] == "stopped (ASHA)" and trials.loc[1e-7, "epochs"] < 3
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["learning_rate"] == 0.01 and best["epochs"] == 3
+    summary = json.loads((out / "best.json").read_text())
+    assert summary["best_trial"]["node_id"] == node_id and summary["best_config"] == str(out / "best.yaml")

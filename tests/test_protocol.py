@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import pickle
 import sys
 from pathlib import Path
 
@@ -12,16 +15,17 @@ import yaml
 from recbole.data import data_preparation
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.evaluator import Collector, Evaluator
-from recbole.utils import init_seed
+from torch.utils.data import DataLoader
 
 from recbole_speeder.config import Config
 from recbole_speeder.data.features import save_item_features
 from recbole_speeder.errors import UsageError
 from recbole_speeder.metrics import rank_invalid_last
 from recbole_speeder.model.generative import named_candidate
-from recbole_speeder.protocol import recbole_sampler, seed_eval_candidates
+from recbole_speeder.protocol import SeededCandidateSampler, recbole_sampler, seed_eval_candidates
 from recbole_speeder.quick_start import run_recbole_speeder
 from recbole_speeder.trainer import SpeederTrainer
+from recbole_speeder.trainer.rng import seed_run
 from recbole_speeder.utils import create_dataset, get_model
 
 DATASET = "toyproto"
@@ -81,10 +85,10 @@ def toy_dict(toy_root, tmp_path_factory) -> dict:
 
 def build(model: str, config_dict: dict, **overrides):
     config = Config(model, DATASET, config_dict={**config_dict, **overrides})
-    init_seed(config["seed"], config["reproducibility"])
+    seed_run(config["seed"], config["reproducibility"])
     train, valid, test = data_preparation(config, create_dataset(config))
     seed_eval_candidates(config, valid, test)
-    init_seed(config["seed"], config["reproducibility"])
+    seed_run(config["seed"], config["reproducibility"])
     return config, get_model(model)(config, train._dataset), valid, test
 
 
@@ -259,6 +263,30 @@ def test_exclude_history_draws_follow_recbole_distribution_restricted_to_allowed
     observed = np.bincount(first, minlength=data.item_num) / draws
     distance = {name: 0.5 * np.abs(observed - p).sum() for name, p in expected.items()}
     assert distance[mode] < 0.03 and max(distance.values()) > 0.05  # total variation, with 20k draws ~0.01
+
+
+def draw_negatives(sampler, users: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DataLoader ``collate_fn``: the users of a batch and their 19 negatives, drawn in a worker process."""
+    ids = torch.tensor(users)
+    return ids, sampler.sample_by_user_ids(ids, torch.ones_like(ids), 19)
+
+
+def test_seeded_sampler_pickles_copies_and_draws_the_same_lists_in_spawned_workers(toy_dict):
+    _, _, _, test = build("SASRec", toy_dict)
+    seeded = test._sampler
+    assert isinstance(seeded, SeededCandidateSampler)
+    users = torch.arange(1, USERS + 1)
+    drawn = seeded.sample_by_user_ids(users, torch.ones_like(users), 19)
+    for clone in (pickle.loads(pickle.dumps(seeded)), copy.copy(seeded), copy.deepcopy(seeded)):
+        assert (clone.seed, clone.phase) == (seeded.seed, "test")
+        assert torch.equal(clone.sample_by_user_ids(users, torch.ones_like(users), 19), drawn)
+    # spawned workers (the start method on macOS and Windows, and of CUDA users) get a pickled copy of the sampler
+    workers = DataLoader(users.tolist(), batch_size=4, collate_fn=functools.partial(draw_negatives, seeded),
+                         num_workers=2, multiprocessing_context="spawn")
+    batches = list(workers)
+    assert len(batches) == -(-USERS // 4)
+    for ids, negatives in batches:
+        assert torch.equal(negatives, draw_negatives(seeded, ids.tolist())[1])
 
 
 def test_every_model_scores_the_same_candidates_and_constrained_answers_are_all_valid(toy_dict, monkeypatch, tmp_path):

@@ -25,7 +25,6 @@ import torch
 import yaml
 from recbole.data import data_preparation
 from recbole.trainer import Trainer
-from recbole.utils import init_seed
 
 import recbole_speeder.trainer.mpo as mpo
 from recbole_speeder.config import Config
@@ -35,6 +34,7 @@ from recbole_speeder.model import Speeder
 from recbole_speeder.quick_start import run, run_recbole_speeder
 from recbole_speeder.trainer import CheckpointError, NonFiniteLossError, SpeederTrainer, load_speeder
 from recbole_speeder.trainer.checkpoint import read_checkpoint, write_checkpoint
+from recbole_speeder.trainer.rng import seed_run
 from recbole_speeder.trainer.stages import GROUPS, parse_stages
 from recbole_speeder.trainer.weights import trainable_named_parameters
 from recbole_speeder.utils import create_dataset
@@ -88,9 +88,9 @@ def toy_config(toy: Path, checkpoint_dir: Path, **overrides) -> dict:
 def build(config_dict: dict):
     """What quick_start does before the trainer: config, seeded data and model."""
     config = Config("Speeder", DATASET, config_dict=config_dict)
-    init_seed(config["seed"], config["reproducibility"])
+    seed_run(config["seed"], config["reproducibility"])
     train, valid, test = data_preparation(config, create_dataset(config))
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    seed_run(config["seed"] + config["local_rank"], config["reproducibility"])
     return config, Speeder(config, train._dataset), train, valid, test
 
 
@@ -402,6 +402,17 @@ def test_load_speeder_rebuilds_the_trained_model(finished_run):
     assert config["mpo_stages"] == "text:text:mrc+spae+head:1,full:::1"
     result = SpeederTrainer(config, model).evaluate(test, load_best_model=False)
     assert floats(result) == floats(finished_run["test"])
+
+
+def test_load_speeder_scores_the_runs_own_seeded_candidate_lists(toy, tmp_path):
+    uni19 = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni19"}
+    settings = toy_config(toy, tmp_path / "saved", eval_args=uni19, eval_full_beside=False)
+    ran = run_recbole_speeder("Speeder", DATASET, config_dict=settings)
+    (best,) = (tmp_path / "saved").glob("*[0-9].safetensors")
+    config, model, _, _, _, test = load_speeder(best)
+    assert config["eval_args"]["mode"]["test"] == "uni19"
+    reloaded = SpeederTrainer(config, model).evaluate(test, load_best_model=False)
+    assert floats(reloaded) == floats(ran["test_result"])
 
 
 def test_damaged_or_foreign_checkpoints_are_refused(finished_run, tmp_path):

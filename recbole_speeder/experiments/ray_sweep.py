@@ -33,9 +33,11 @@ def ray_trial(params: dict, sweep: Sweep, use_gpu: bool) -> None:
     else:
         config_dict["use_gpu"] = False
     trial_id = tune.get_context().get_trial_id()
+    node_id = ray.get_runtime_context().get_node_id()  # with Tune's node_ip: which machine of a cluster ran it
 
     def report_epoch(epoch_idx: int, valid_score: float) -> None:
-        tune.report({"valid_score": float(valid_score), "epoch": epoch_idx + 1, "finished": False})
+        tune.report({"valid_score": float(valid_score), "epoch": epoch_idx + 1, "finished": False,
+                     "node_id": node_id})
 
     result = train_and_test(
         sweep.model,
@@ -47,7 +49,7 @@ def ray_trial(params: dict, sweep: Sweep, use_gpu: bool) -> None:
         title=f"trial {trial_id} of {sweep.name}: {plain(params)}",
     )
     final = {"valid_score": result.best_valid_score, "epoch": result.epochs, "finished": True,
-             "train_seconds": result.train_seconds}
+             "train_seconds": result.train_seconds, "node_id": node_id}
     final.update({f"valid/{k}": v for k, v in result.best_valid_result.items()})
     for protocol, metrics in result.test.items():
         final.update({f"test/{protocol}/{k}": v for k, v in metrics.items()})
@@ -67,7 +69,8 @@ def trial_from_result(result, sweep: Sweep) -> Trial:
     params = plain(dict(result.config or {}))
     trial_id = metrics.get("trial_id") or Path(result.path).name
     trial = Trial(trial_id=trial_id, params=params, status="no result", epochs=metrics.get("epoch"),
-                  seconds=metrics.get("time_total_s"))
+                  seconds=metrics.get("time_total_s"), node_ip=metrics.get("node_ip", ""),
+                  node_id=metrics.get("node_id", ""))
     if result.error:
         trial.status, trial.error = "failed", _error_line(result.error)
     elif metrics.get("finished"):
@@ -89,6 +92,7 @@ def _connect(address: str | None) -> bool:
     install recbole-speeder on every node and keep the data at the same absolute path (or on shared storage).
     """
     import ray
+    from ray.exceptions import AuthenticationError
 
     if ray.is_initialized():
         return False
@@ -96,9 +100,26 @@ def _connect(address: str | None) -> bool:
     try:
         ray.init(address=address, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
                  logging_level="WARNING")
-    except ConnectionError as err:
-        raise UsageError(f"cannot reach the Ray cluster at {address}: {err}") from None
+    except (ConnectionError, AuthenticationError) as err:  # the latter: token mode on, but no token here
+        raise UsageError(_connection_error(address, err)) from None
     return True
+
+
+def _connection_error(address: str | None, error: Exception) -> str:
+    """One line for a cluster that refused us; for token authentication, what to set.
+
+    Ray 2.60 clusters started with ``ray start`` use token authentication once the machine has a token
+    (``~/.ray/auth_token``, which any local ``ray.init()`` writes), and a driver given an explicit address only
+    sends one under ``RAY_AUTH_MODE=token``: Ray says so in a traceback wrapped in several exceptions.
+    """
+    messages, cause = [], error
+    while cause is not None:
+        messages.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, ConnectionError) and any("InvalidAuthToken" in text for text in messages):
+        return (f"the Ray cluster at {address} uses token authentication: run with RAY_AUTH_MODE=token and the "
+                "cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN (docs/experiments.md)")
+    return f"cannot connect to the Ray cluster at {address}: {next(iter(str(error).splitlines()), '')}"
 
 
 def _check_resources(cpus: float, gpus: float) -> None:

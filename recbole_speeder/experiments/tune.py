@@ -82,6 +82,8 @@ class Trial:
     valid_result: dict = field(default_factory=dict)
     test_result: dict = field(default_factory=dict)
     error: str = ""
+    node_ip: str = ""  # the Ray node that ran it (empty for hyperopt: the driver process)
+    node_id: str = ""
 
 
 def _absolute_paths(driver: Config) -> dict:
@@ -223,7 +225,7 @@ def write_sweep_reports(sweep: Sweep, trials: list[Trial], options: SweepOptions
                trial.best_valid_score, **trial.params, "epochs": trial.epochs, "seconds": trial.seconds}
         row.update({f"valid/{k}": v for k, v in trial.valid_result.items()})
         row.update({f"test/{k}": v for k, v in trial.test_result.items()})
-        row["error"] = trial.error
+        row.update(error=trial.error, node_ip=trial.node_ip, node_id=trial.node_id)
         rows.append(row)
     pd.DataFrame(rows).to_csv(out / "trials.csv", index=False)
     best = next((t for t in order if t.best_valid_score is not None), None)
