@@ -28,6 +28,7 @@ from recbole_speeder.errors import UsageError
 MODALITIES = ("text", "image", "id")
 ROUTERS = ("learned", "uniform")
 ITEM_REPRS = ("mrc", "text")
+ITEM_INPUTS = ("tokens", "text", "text+tokens")  # how an MPO stage gives history items to the LLM (``items``)
 SIMILARITIES = ("cos", "dot")
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
 BACKBONE_INITS = ("pretrained", "shuffled", "random")
@@ -289,7 +290,7 @@ SCHEMA: dict[str, Key] = {
     "head_dropout": Key(float, minimum=0, below=1),
     "train_all_positions": Key(bool),
     "mpo_stages": Key((list, str), optional=True, item=dict, rule=_stages_rule,
-                      phrase="a list of stage dicts or a name:modalities:train:epochs:lr,... string"),
+                      phrase="a list of stage dicts or a name:modalities:train:epochs:lr:items:users,... string"),
     "lr_scheduler": Key(str, choices=LR_SCHEDULERS),
     "warmup_steps": Key(int, minimum=0),
     "checkpoint_every_steps": Key(int, minimum=0),

@@ -67,6 +67,8 @@ BAD_VALUES = [
     ("Speeder", "mpo_stages", "a:text+audio:mrc:1", "unknown modalities ['audio']"),
     ("Speeder", "mpo_stages", "a:text:mrc:0", "epochs must be an integer >= 1, not 0"),
     ("Speeder", "mpo_stages", "[1, 2]", "expected a list of stage dicts"),
+    ("Speeder", "mpo_stages", "a:text:all:1::words", "items must be one of tokens, text, text+tokens, not 'words'"),
+    ("Speeder", "mpo_stages", "[{name: a, users: 2}]", "users must be a fraction > 0 and <= 1, not 2"),
     ("Speeder", "epochs", "0", "expected an integer >= 1, got 0"),
     ("SASRec", "epochs", "ten", "got 'ten'"),
     ("SASRec", "train_batch_size", "abc", "expected an integer >= 1, got 'abc'"),

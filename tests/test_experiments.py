@@ -34,6 +34,7 @@ from recbole_speeder.experiments.runner import unknown_keys
 from recbole_speeder.experiments.search_space import parse_space
 from recbole_speeder.experiments.variants import VARIANTS, parse_compare
 from recbole_speeder.resources import properties_dir
+from recbole_speeder.trainer.stages import GROUPS, parse_stages
 
 from .conftest import REPO
 
@@ -77,6 +78,17 @@ def test_compare_list_reads_models_variants_and_inline_overrides():
                          ("Speeder[text", "unbalanced"), ("", "at least one model")]:
         with pytest.raises(UsageError, match=message):
             parse_compare(bad)
+
+
+def test_the_curriculum_variant_puts_a_words_stage_on_a_user_sample_before_the_default_schedule():
+    (variant,) = parse_compare("Speeder[curriculum]")
+    configs = [Config("Speeder", "ml-100k", config_dict={"backbone_path": "tiny-random", **overrides})
+               for overrides in (variant.overrides, {})]
+    curriculum, default = (parse_stages(c["mpo_stages"], epochs=c["epochs"], learning_rate=c["learning_rate"],
+                                        modalities=c["modalities"]) for c in configs)
+    words, *rest = curriculum
+    assert (words.items, words.users, words.modalities, words.train) == ("text+tokens", 0.1, ("text",), GROUPS)
+    assert rest == default and all(stage.items is None and stage.users == 1 for stage in rest)
 
 
 def test_shipped_search_spaces_parse_and_name_real_config_keys(tmp_path):

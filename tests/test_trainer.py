@@ -35,6 +35,7 @@ from recbole_speeder.quick_start import run, run_recbole_speeder
 from recbole_speeder.trainer import CheckpointError, NonFiniteLossError, SpeederTrainer, load_speeder
 from recbole_speeder.trainer.checkpoint import read_checkpoint, write_checkpoint
 from recbole_speeder.trainer.rng import seed_run
+from recbole_speeder.trainer.sample import shard
 from recbole_speeder.trainer.stages import GROUPS, parse_stages
 from recbole_speeder.trainer.weights import trainable_named_parameters
 from recbole_speeder.utils import create_dataset
@@ -131,6 +132,14 @@ def test_stage_specs_from_dicts_compact_strings_and_none():
     # a modality the model was not built with is dropped (one schedule serves every ablation)
     (dropped,) = parse_stages([{"modalities": ["text", "image"]}], epochs=1, learning_rate=1, modalities=["text"])
     assert dropped.modalities == ("text",)
+    # how items enter the prompt, and the user sample: None (as served) and every user unless given
+    assert [(s.items, s.users) for s in compact] == [(None, 1.0), (None, 1.0)]
+    words = parse_stages("words:text:all:1::text+tokens:0.1,full", epochs=7, learning_rate=1e-3,
+                         modalities=modalities)
+    assert words == parse_stages([{"name": "words", "modalities": ["text"], "epochs": 1, "items": "text+tokens",
+                                   "users": 0.1}, {"name": "full"}], epochs=7, learning_rate=1e-3,
+                                 modalities=modalities)
+    assert [(s.items, s.users, s.train) for s in words] == [("text+tokens", 0.1, GROUPS), (None, 1.0, GROUPS)]
 
 
 @pytest.mark.parametrize(
@@ -145,7 +154,13 @@ def test_stage_specs_from_dicts_compact_strings_and_none():
         ([{"name": "x"}, {"name": "x"}], "unique"),
         ({"name": "x"}, "non-empty list"),
         ("a:text:mrc:two", "epochs must be a number"),
-        ("a:text:mrc:1:0.1:extra", "fields"),
+        ("a:text:mrc:1:0.1:text:1:extra", "fields"),
+        ("a:text:mrc:1:0.1:words", "items must be one of tokens, text, text\\+tokens, not 'words'"),
+        ([{"items": ["text"]}], "items must be one of"),
+        ("a:text:mrc:1:0.1:text:many", "users must be a number"),
+        ([{"users": 0}], "users must be a fraction > 0 and <= 1, not 0"),
+        ([{"users": 1.5}], "users must be a fraction"),
+        ([{"users": True}], "users must be a fraction"),
     ],
 )
 def test_bad_stage_specs_are_one_line_usage_errors(spec, message):
@@ -189,8 +204,10 @@ def test_each_stage_trains_only_its_groups_and_modalities(toy, tmp_path, monkeyp
     assert not any("experts.image" in n for n in moved), "the inactive image expert must not move"
 
 
-def test_one_stage_matches_recbole_trainer_and_best_checkpoint_is_trainable_only(toy, tmp_path):
-    settings = toy_config(toy, tmp_path / "saved", mpo_stages=None, epochs=2)
+# a schedule of token stages (written out, or ~) is the model as it was before stages could give items as text
+@pytest.mark.parametrize("stages", [None, "full:all:all:2::tokens:1"])
+def test_one_stage_matches_recbole_trainer_and_best_checkpoint_is_trainable_only(toy, tmp_path, stages):
+    settings = toy_config(toy, tmp_path / "saved", mpo_stages=stages, epochs=2)
     config, model, train, valid, test = build(settings)
     reference = Trainer(config, model)
     reference_valid = reference.fit(train, valid, saved=True)
@@ -212,6 +229,146 @@ def test_one_stage_matches_recbole_trainer_and_best_checkpoint_is_trainable_only
     assert not any(".base_layer." in name or "embed_tokens" in name for name in tensors)
     assert state["kind"] == "best" and state["stage"] == "full"
     assert Path(trainer.saved_model_file).stat().st_size < Path(reference.saved_model_file).stat().st_size / 5
+
+
+# ---------------------------------------------------------------------------------------------- items as words
+def test_stage_items_give_history_items_as_text_text_then_tokens_or_tokens_in_training_only(toy, tmp_path):
+    # without SPAE cues a prompt slot is its input embedding alone
+    settings = toy_config(toy, tmp_path / "saved", spae_absolute=False, spae_relative=False, spae_time=False)
+    config, model, train, _, _ = build(settings)
+    assert not hasattr(model, "item_text_ids")  # built when a stage first needs it
+    item_seq, item_seq_len, _ = model._inputs(next(iter(train)))
+    model.train()
+    item_tokens = model.item_tokens().detach()
+
+    def prompt(items) -> torch.Tensor:
+        model.set_stage_items(items)
+        with torch.no_grad():
+            values, (rows, _), _ = model._prompt_tokens(item_seq, item_seq_len, None, item_tokens)
+        return values[rows == 0]  # the first history's tokens, in prompt order
+
+    history = item_seq[0, : item_seq_len[0]].tolist()
+    as_tokens = prompt("tokens")
+    as_text = prompt("text")
+    assert len(as_text) > len(as_tokens) and model.history_items == "text"
+    embed = model.llm.get_input_embeddings()
+    with torch.no_grad():
+        text = [embed(model.item_text_ids[i, : model.item_text_len[i]]).float() for i in history]
+    soft = [item_tokens[i] for i in history]
+    assert torch.equal(as_tokens, torch.cat(soft))
+    assert torch.equal(as_text, torch.cat(text))
+    text_then_soft = [part for pair in zip(text, soft, strict=True) for part in pair]
+    assert torch.equal(prompt("text+tokens"), torch.cat(text_then_soft))
+    assert torch.equal(prompt(None), as_tokens)  # None: as item_repr serves them
+    model.set_stage_items("text")
+    model.eval()  # evaluation reads items as served, whatever the stage
+    assert model.history_items == "tokens"
+
+
+def test_switching_back_to_tokens_restores_the_token_model_exactly(toy, tmp_path):
+    config, model, train, _, _ = build(toy_config(toy, tmp_path / "saved"))
+    batch = next(iter(train))
+    model.train()
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(0)  # the same dropout masks
+        return model.calculate_loss(batch).detach()
+
+    reference = loss()
+    model.set_stage_items("text+tokens")
+    assert not torch.equal(loss(), reference)
+    model.set_stage_items("tokens")
+    assert torch.equal(loss(), reference)
+
+
+def fit_recording(settings: dict) -> tuple[SpeederTrainer, list[tuple[str, str, list[int]]], list[str], dict]:
+    """A fit that records each training batch's (stage, item input, user ids) and each evaluation's item input;
+    returns the trainer, those records and the test result."""
+    config, model, train, valid, test = build(settings)
+    trainer = SpeederTrainer(config, model)
+    batches, evaluations = [], []
+    calculate_loss, full_sort_predict = model.calculate_loss, model.full_sort_predict
+
+    def record_batch(interaction):
+        stage = trainer.stages[trainer.stage_index].name
+        batches.append((stage, model.history_items, interaction[model.USER_ID].tolist()))
+        return calculate_loss(interaction)
+
+    def record_evaluation(interaction):
+        evaluations.append(model.history_items)
+        return full_sort_predict(interaction)
+
+    model.calculate_loss, model.full_sort_predict = record_batch, record_evaluation
+    trainer.fit(train, valid)
+    return trainer, batches, evaluations, floats(trainer.evaluate(test, load_best_model=True))
+
+
+CURRICULUM = [
+    {"name": "words", "modalities": ["text"], "items": "text+tokens", "users": 0.25, "epochs": 2},
+    {"name": "full", "epochs": 1},
+]
+
+
+def test_a_words_stage_trains_its_user_sample_in_words_and_is_scored_with_tokens(toy, tmp_path):
+    settings = toy_config(toy, tmp_path / "saved", mpo_stages=CURRICULUM)
+    trainer, batches, evaluations, result = fit_recording(settings)
+    train_users = trainer.stage_data._dataset.inter_feat["user_id"]  # the last stage trains on the whole loader
+
+    def epochs_of(stage: str, n_epochs: int) -> list[list[int]]:
+        rows = [(items, users) for name, items, users in batches if name == stage]
+        assert {items for items, _ in rows} == {"text+tokens" if stage == "words" else "tokens"}
+        users = [u for _, batch in rows for u in batch]
+        per_epoch = len(users) // n_epochs
+        return [users[i : i + per_epoch] for i in range(0, len(users), per_epoch)]
+
+    first, second = epochs_of("words", 2)
+    sample = set(first)
+    assert len(sample) == round(0.25 * len(train_users.unique())) == 10
+    assert sorted(first) == sorted(second) == sorted(u for u in train_users.tolist() if u in sample)
+    assert first != second  # each epoch shuffles its rows
+    (full,) = epochs_of("full", 1)
+    assert sorted(full) == sorted(train_users.tolist())
+    assert set(evaluations) == {"tokens"}  # validation and test read the served soft tokens
+
+    _, rerun_batches, _, rerun_result = fit_recording(toy_config(toy, tmp_path / "rerun", mpo_stages=CURRICULUM))
+    assert rerun_batches == batches and rerun_result == result  # the same users, order and model on a rerun
+
+
+def test_resume_mid_words_stage_reproduces_the_uninterrupted_run(toy, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    original_write = mpo.write_checkpoint
+
+    def keep_mid_words(path, tensors, state):
+        size = original_write(path, tensors, state)
+        position = state.get("position") or {}
+        if (position.get("stage_name"), position.get("epoch"), position.get("batch")) == ("words", 1, 1):
+            shutil.copytree(Path(path).parent, copy)
+        return size
+
+    monkeypatch.setattr(mpo, "write_checkpoint", keep_mid_words)
+    settings = toy_config(toy, tmp_path / "whole", mpo_stages=CURRICULUM, checkpoint_every_steps=1,
+                          train_batch_size=8)  # 2 batches per words epoch
+    config, model, train, valid, test = build(settings)
+    whole = SpeederTrainer(config, model)
+    whole_valid = whole.fit(train, valid)
+    whole_test = floats(whole.evaluate(test, load_best_model=True))
+    whole_weights = trained(model)
+    monkeypatch.setattr(mpo, "write_checkpoint", original_write)
+
+    (resume_file,) = copy.glob("*.resume.safetensors")
+    config, model, train, valid, test = build({**settings, "resume": str(resume_file)})
+    resumed = SpeederTrainer(config, model)
+    assert (resumed.stage_index, resumed.stage_epoch, resumed.batch_index) == (0, 1, 1)
+    assert resumed.fit(train, valid)[0] == whole_valid[0]
+    assert floats(resumed.evaluate(test, load_best_model=True)) == whole_test
+    assert all(torch.equal(p, whole_weights[n]) for n, p in trained(model).items())
+
+
+def test_a_user_sample_gives_every_ddp_rank_as_many_rows():
+    order = torch.tensor([4, 0, 3, 1, 2])
+    shards = [shard(order, rank, 3) for rank in range(3)]
+    assert [len(s) for s in shards] == [2, 2, 2]
+    assert sorted(torch.cat(shards).tolist()) == [0, 1, 2, 3, 4, 4]  # the first row again, as DistributedSampler pads
 
 
 def scripted_validation(monkeypatch, scores: dict[str, list[float]]) -> None:

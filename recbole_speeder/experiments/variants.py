@@ -15,8 +15,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from recbole_speeder.config_schema import parse_value
 from recbole_speeder.errors import UsageError
+from recbole_speeder.resources import properties_dir
+
+# LLaRA's curriculum: one epoch on a tenth of the users that gives each history item as its text and then its soft
+# token (the LLM learns the task in words, and to read the token beside them), before the default schedule
+WORDS_STAGE = {"name": "words", "modalities": ["text"], "items": "text+tokens", "users": 0.1, "epochs": 1}
+DEFAULT_STAGES = yaml.safe_load((properties_dir() / "model" / "Speeder.yaml").read_text())["mpo_stages"]
 
 # Named variants: the ablations and baselines of the Speeder paper, as config overrides.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -31,6 +39,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "random-init": {"backbone_init": "random"},  # control: the backbone architecture freshly initialised
     "llm-text": {"text_encoder": "backbone"},  # the text expert reads each item's text as encoded by the LLM itself
     "generate": {"predict_mode": "generate", "train_all_positions": False},  # answers with one of N candidates
+    "curriculum": {"mpo_stages": [WORDS_STAGE, *DEFAULT_STAGES]},  # from items in words to soft tokens
 }
 
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:\[(.*)\])?\s*$")

@@ -179,11 +179,6 @@ class GenerativeAnswerer(nn.Module):
         return torch.tensor([i[0] for i in ids], dtype=torch.long)
 
     # ------------------------------------------------------------------ prompt
-    def _content_lengths(self, model, candidates: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
-        if self.item_repr == "mrc":
-            return torch.full_like(candidates, item_tokens.shape[1])
-        return model.item_text_len[candidates]
-
     def _lead_ids(self, candidates: torch.Tensor) -> torch.Tensor:
         """Token before each candidate: its label, or the list separator in text mode."""
         if self.item_repr == "mrc":
@@ -195,7 +190,7 @@ class GenerativeAnswerer(nn.Module):
         """Embeddings of ``header, N candidate blocks, cue, answer`` per row, their lengths, and the cue's end slot."""
         batch, n = candidates.shape
         n_header, n_cue = self.header_ids.numel(), self.cue_ids.numel()
-        content = self._content_lengths(model, candidates, item_tokens)
+        content = model.content_lengths(candidates, item_tokens, model.served_items)  # as served, in every stage
         blocks = torch.cat(
             [
                 torch.full((batch, 1), n_header, device=candidates.device),
@@ -221,7 +216,7 @@ class GenerativeAnswerer(nn.Module):
         if answer_ids.shape[1]:
             ids = torch.where(block == n + 2, answer_ids.gather(1, offset.clamp(max=answer_ids.shape[1] - 1)), ids)
         ids = torch.where(in_candidate & (offset == 0), lead, ids)
-        embeds = model.slot_embeddings(ids, item, in_content, content_offset, item_tokens)
+        embeds = model.slot_embeddings(ids, item, in_content, content_offset, item_tokens, model.served_items)
         return embeds, layout.last + 1, layout.item_end[:, n + 1]
 
     def _prompt(self, model, item_seq, item_seq_len, timestamps, item_tokens, candidates, answer_ids=None,

@@ -7,6 +7,10 @@ trainer. The prompt is ``prefix + item blocks + suffix`` (``prompt.py``); the LL
 through a head to a user vector, and an item's score is its similarity to that item's own MRC tokens, so
 ranking every item is one matmul. ``item_repr: text`` gives each history item as its text tokens instead:
 the slow "MLLM with text descriptions" baseline, same model otherwise.
+
+An MPO stage may give history items another way while it trains (``set_stage_items``: ``text``, or
+``text+tokens``, each item's text followed by its soft tokens): a curriculum from words to soft tokens.
+Evaluation always reads them as ``item_repr`` serves them, so every stage is scored as the model will be served.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class Speeder(SequentialRecommender):
 
         # MRC: item features -> soft tokens
         texts = item_texts(dataset, list(config["item_text_fields"] or []))
+        self._texts, self._max_text_tokens = texts, int(config["max_item_text_tokens"])
         features = build_item_features(config, dataset, texts)
         self.mrc = MixtureOfModalityExperts(
             features,
@@ -130,10 +135,11 @@ class Speeder(SequentialRecommender):
             else torch.zeros(self.max_seq_length, 0, dtype=torch.long)
         )
         self.register_buffer("marker_ids", markers, persistent=False)
-        if self.item_repr == "text":
-            ids, lengths = item_text_token_ids(tokenizer, texts, config["max_item_text_tokens"])
-            self.register_buffer("item_text_ids", ids, persistent=False)
-            self.register_buffer("item_text_len", lengths, persistent=False)
+        # how history items enter the prompt: as evaluation serves them, and while an MPO stage trains
+        self.served_items = "tokens" if self.item_repr == "mrc" else "text"
+        self.stage_items = self.served_items
+        if self.served_items == "text":
+            self._build_item_text()
 
         self.head = nn.Sequential(nn.Dropout(config["head_dropout"]), nn.Linear(self.d_model, self.d_model))
         self.loss_fct = nn.CrossEntropyLoss()
@@ -160,6 +166,27 @@ class Speeder(SequentialRecommender):
     def set_modalities(self, modalities: list[str]) -> None:
         self.mrc.set_active(modalities)
         self._item_cache = self._item_vector_cache = None
+
+    def set_stage_items(self, items: str | None) -> None:
+        """How history items enter training prompts (an MPO stage's ``items``: tokens, text or text+tokens; None:
+        as served). Nothing cached depends on it: the item cache holds MRC tokens, the prefix K/V the instruction.
+        """
+        self.stage_items = items or self.served_items
+        if "text" in self.stage_items:
+            self._build_item_text()
+
+    @property
+    def history_items(self) -> str:
+        """How history items enter the prompt now: the stage's way in training, as served in evaluation."""
+        return self.stage_items if self.training else self.served_items
+
+    def _build_item_text(self) -> None:
+        """Each item's text token ids and lengths, built once, when items first enter a prompt as text."""
+        if hasattr(self, "item_text_ids"):
+            return
+        ids, lengths = item_text_token_ids(self.tokenizer, self._texts, self._max_text_tokens)
+        self.register_buffer("item_text_ids", ids.to(self.prefix_ids.device), persistent=False)
+        self.register_buffer("item_text_len", lengths.to(self.prefix_ids.device), persistent=False)
 
     def train(self, mode: bool = True):
         # Weights may change between a train and an eval phase: cached item tokens and prefix K/V go stale.
@@ -237,10 +264,8 @@ class Speeder(SequentialRecommender):
         batch, max_len = item_seq.shape
         valid = torch.arange(max_len, device=item_seq.device) < item_seq_len.unsqueeze(1)
         n_markers, n_suffix = self.marker_ids.shape[1], self.suffix_ids.numel()
-        if self.item_repr == "mrc":
-            content = torch.full_like(item_seq, item_tokens.shape[1])
-        else:
-            content = self.item_text_len[item_seq]
+        mode = self.history_items
+        content = self.content_lengths(item_seq, item_tokens, mode)
         layout = pack_layout((content + n_markers) * valid, n_suffix)
 
         rows, slots = ((layout.item_index >= 0) | layout.is_suffix).nonzero(as_tuple=True)
@@ -257,13 +282,20 @@ class Speeder(SequentialRecommender):
             ids = torch.where(in_marker, self.marker_ids[position, offset.clamp(max=n_markers - 1)], ids)
         if n_suffix:
             ids = torch.where(~in_item, self.suffix_ids[offset.clamp(max=n_suffix - 1)], ids)
-        values = self.slot_embeddings(ids, item_at_slot, in_content, content_offset, item_tokens)
+        values = self.slot_embeddings(ids, item_at_slot, in_content, content_offset, item_tokens, mode)
         cues = self.spae.at(item_seq_len, rows, position, timestamps)
         if cues is not None:
             values = values + cues * in_item.unsqueeze(-1)
         self.prompt_token_stats["samples"] += batch
         self.prompt_token_stats["tokens"] += int((layout.last + 1).sum()) + batch * self.prefix_ids.numel()
         return values, (rows, slots), layout
+
+    def content_lengths(self, items: torch.Tensor, item_tokens: torch.Tensor, mode: str) -> torch.Tensor:
+        """Prompt tokens each of ``items`` takes when given as ``mode`` (tokens, text or text+tokens)."""
+        if mode == "tokens":
+            return torch.full_like(items, item_tokens.shape[1])
+        lengths = self.item_text_len[items]
+        return lengths + item_tokens.shape[1] if mode == "text+tokens" else lengths
 
     def slot_embeddings(
         self,
@@ -272,19 +304,31 @@ class Speeder(SequentialRecommender):
         in_content: torch.Tensor,
         content_offset: torch.Tensor,
         item_tokens: torch.Tensor,
+        mode: str,
     ) -> torch.Tensor:
         """Float32 input embeddings of packed prompt slots (also the generative prompt's).
 
-        A slot with ``in_content`` holds token ``content_offset`` of item ``items``: its text token in text mode,
-        its MRC soft token otherwise; every other slot embeds its token id from ``ids``.
+        A slot with ``in_content`` holds token ``content_offset`` of item ``items`` given as ``mode``
+        (``content_lengths``): its text token, its MRC soft token, or under text+tokens the text tokens first,
+        then the soft tokens; every other slot embeds its token id from ``ids``.
         """
-        if self.item_repr == "text":
+        in_text = in_soft = None
+        soft_offset = content_offset
+        if mode == "tokens":
+            in_soft = in_content
+        elif mode == "text":
+            in_text = in_content
+        else:  # text+tokens: the item's text, then its soft tokens
+            text_len = self.item_text_len[items]
+            in_text = in_content & (content_offset < text_len)
+            in_soft, soft_offset = in_content & ~in_text, content_offset - text_len
+        if in_text is not None:
             text_ids = self.item_text_ids[items, content_offset.clamp(max=self.item_text_ids.shape[1] - 1)]
-            ids = torch.where(in_content, text_ids, ids)
+            ids = torch.where(in_text, text_ids, ids)
         embeds = self.llm.get_input_embeddings()(ids).float()
-        if self.item_repr == "mrc":
-            soft = item_tokens[items, content_offset.clamp(max=item_tokens.shape[1] - 1)]
-            embeds = torch.where(in_content.unsqueeze(-1), soft, embeds)
+        if in_soft is not None:
+            soft = item_tokens[items, soft_offset.clamp(0, item_tokens.shape[1] - 1)]
+            embeds = torch.where(in_soft.unsqueeze(-1), soft, embeds)
         return embeds
 
     def _llm_trains(self) -> bool:

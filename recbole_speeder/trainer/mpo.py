@@ -1,10 +1,11 @@
 r"""SpeederTrainer: RecBole's ``Trainer`` loop run as MPO stages, with trainable-only checkpoints and resume.
 
-MPO (progressive optimisation, ``schedule.py``): each stage of ``mpo_stages`` sets the model's active modalities
-and which parameter groups (mrc, spae, head, lora) train, and starts from the best valid weights of the stage
-before; this loop rebuilds the optimizer and scheduler over those parameters only and resets early stopping per
-stage. The run's model is the best of all stages. One stage (or ``mpo_stages: ~``) is RecBole's ``Trainer.fit``,
-step for step.
+MPO (progressive optimisation, ``schedule.py``): each stage of ``mpo_stages`` sets the model's active modalities,
+which parameter groups (mrc, spae, head, lora) train and how history items enter training prompts, and starts from
+the best valid weights of the stage before; this loop rebuilds the optimizer and scheduler over those parameters
+only, resets early stopping per stage and trains a stage with ``users < 1`` on its sample of users
+(``sample.py``). The run's model is the best of all stages. One stage (or ``mpo_stages: ~``) is RecBole's
+``Trainer.fit``, step for step.
 
 Checkpoints (``checkpoint.py``) hold only the parameters the groups can train; the frozen backbone is never
 copied. ``<run>.safetensors`` holds the best weights of the schedule so far (what
@@ -47,6 +48,7 @@ from recbole_speeder.trainer.distributed import (
     is_main_process,
 )
 from recbole_speeder.trainer.rng import rng_state, set_rng_state
+from recbole_speeder.trainer.sample import UserSample
 from recbole_speeder.trainer.schedule import Best, MPOSchedule
 from recbole_speeder.trainer.schedulers import build_scheduler
 from recbole_speeder.trainer.stages import GROUPS, Stage, parse_stages
@@ -150,6 +152,7 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         self.stage_index = self.stage_epoch = self.batch_index = 0
         self.global_step = self.epochs_done = 0
         self.trainable: list[nn.Parameter] = []
+        self.stage_data = None  # the running stage's training batches: the loader, or a UserSample of it
         self.scheduler = None
         self.distributed_model = None
         self._best_file_written = False
@@ -166,8 +169,8 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         return self.schedule.stages
 
     def _enter_stage(self, train_data) -> None:
-        """The current stage's modalities and trainable groups (``schedule.py``), and this loop's optimizer,
-        scheduler, early stopping and DDP wrapper for it."""
+        """The current stage's modalities, item input and trainable groups (``schedule.py``), and this loop's
+        training batches, optimizer, scheduler, early stopping and DDP wrapper for it."""
         stage = self.stages[self.stage_index]
         resume = self._resume
         fresh = resume is None or resume["optimizer"] is None
@@ -176,9 +179,13 @@ class SpeederTrainer(Trainer, _DeferredDDP):
             self.best_valid_result = None
             self.cur_step = 0
         self.trainable = self.schedule.enter(self.model, self.stage_index)
+        self.stage_data = train_data
+        if stage.users < 1:
+            self.stage_data = UserSample(train_data, stage.users, self.config["seed"], self.stage_index)
         self.optimizer = self._build_optimizer(params=self.trainable, learning_rate=stage.learning_rate)
         self.scheduler = build_scheduler(
-            self.optimizer, self.config["lr_scheduler"], self.config["warmup_steps"], stage.epochs * len(train_data)
+            self.optimizer, self.config["lr_scheduler"], self.config["warmup_steps"],
+            stage.epochs * len(self.stage_data),
         )
         self.eval_step = min(self.config["eval_step"], stage.epochs)
         if not fresh:
@@ -192,10 +199,13 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         if is_distributed():
             self.distributed_model = self._wrap_ddp()
         n_params = sum(p.numel() for p in self.trainable)
+        sample = self.stage_data
+        users = f", {sample.n_users} of {sample.n_all_users} users" if isinstance(sample, UserSample) else ""
         self.logger.info(
             set_color(f"MPO stage {self.stage_index + 1}/{len(self.stages)} '{stage.name}'", "green")
-            + f": modalities {list(stage.modalities)}, training {list(stage.train)} ({n_params} parameters), "
-            f"{stage.epochs} epochs, lr {stage.learning_rate:g}"
+            + f": modalities {list(stage.modalities)}, items as {self.model.stage_items}, training "
+            f"{list(stage.train)} ({n_params} parameters), {stage.epochs} epochs of {len(sample)} batches{users}, "
+            f"lr {stage.learning_rate:g}"
             + (f", from epoch {self.stage_epoch} batch {self.batch_index}" if not fresh else "")
         )
 
@@ -246,7 +256,9 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         while self.stage_epoch < stage.epochs:
             epoch_idx = self.epochs_done
             start = time()
-            train_loss = self._train_epoch(train_data, epoch_idx, show_progress=show_progress)
+            if not self.config["single_spec"] and train_data.shuffle:  # DDP's sampler; a user sample shards itself
+                train_data.sampler.set_epoch(epoch_idx)
+            train_loss = self._train_epoch(self.stage_data, epoch_idx, show_progress=show_progress)
             self.train_loss_dict[epoch_idx] = sum(train_loss) if isinstance(train_loss, tuple) else train_loss
             if verbose:
                 output = self._generate_train_loss_output(epoch_idx, start, time(), train_loss)
@@ -301,11 +313,11 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         return stop_flag
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        """RecBole's epoch over the trainable parameters only, resumable at any batch and guarded against NaN."""
+        """RecBole's epoch over the trainable parameters only, resumable at any batch and guarded against NaN.
+
+        ``train_data``: the stage's batches (``stage_data``), whose ``generator`` is the training loader's."""
         self.model.train()
         loss_func = loss_func or self.distributed_model or self.model.calculate_loss
-        if not self.config["single_spec"] and train_data.shuffle:
-            train_data.sampler.set_epoch(epoch_idx)
         resume, self._resume = self._resume, None
         if resume is not None:
             train_data.generator.set_state(resume["sampler"])

@@ -4,6 +4,10 @@ hands to the next, and the best weights of the whole schedule.
 Each stage starts from the best valid weights of the stage before (progressive: a stage builds on what the one
 before learned best). The run's model is the best of every stage, not of the last: a later stage that only makes
 things worse (a learning rate too high, a modality that does not help) does not cost the run its best model.
+
+A stage's ``items`` (text, text+tokens) changes training prompts only: validation reads items as the model serves
+them, so a text stage is a warm-up scored as the fast model it leads to, and the best of the schedule compares
+like with like.
 """
 
 from __future__ import annotations
@@ -61,14 +65,17 @@ class MPOSchedule:
             lines.append(
                 f"  {i + 1}. {stage.name}: modalities {list(stage.modalities)}, train {list(stage.train)}, "
                 f"{stage.epochs} epochs, lr {stage.learning_rate:g}"
+                + (f", items as {stage.items}" if stage.items else "")
+                + (f", on {stage.users:.0%} of the users" if stage.users < 1 else "")
             )
         return "\n".join(lines)
 
     def enter(self, model: nn.Module, index: int) -> list[nn.Parameter]:
-        """Switch the model to stage ``index``: its active modalities, and only its groups train. Returns the
-        parameters that train, in ``model.parameters()`` order."""
+        """Switch the model to stage ``index``: its active modalities and item input, and only its groups train.
+        Returns the parameters that train, in ``model.parameters()`` order."""
         stage = self.stages[index]
         model.set_modalities(list(stage.modalities))
+        model.set_stage_items(stage.items)
         train_ids = {id(p) for group in stage.train for p in self.groups[group]}
         for _, param in trainable_named_parameters(model):
             param.requires_grad_(id(param) in train_ids)

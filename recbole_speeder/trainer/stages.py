@@ -1,9 +1,10 @@
-"""MPO stage specs: which modalities are active and which parameter groups train, stage by stage.
+"""MPO stage specs: which modalities are active, which parameter groups train, how history items enter the prompt
+and on how many users, stage by stage.
 
 ``mpo_stages`` is a list of dicts (yaml, or a python literal on the command line) or a compact string
-``name:modalities:train:epochs:learning_rate`` per stage, stages separated by ``,`` and list items by ``+``,
-e.g. ``text:text:mrc+spae+head:2,full:all:all:10:5e-4``. Trailing or empty fields take their defaults.
-``~`` means one stage of ``epochs`` that trains every group with every modality: RecBole's plain loop.
+``name:modalities:train:epochs:learning_rate:items:users`` per stage, stages separated by ``,`` and list items by
+``+``, e.g. ``words:text:all:1::text+tokens:0.1,full:all:all:10:5e-4``. Trailing or empty fields take their
+defaults. ``~`` means one stage of ``epochs`` that trains every group with every modality: RecBole's plain loop.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from logging import getLogger
 
-from recbole_speeder.config_schema import MODALITIES
+from recbole_speeder.config_schema import ITEM_INPUTS, MODALITIES
 from recbole_speeder.errors import UsageError
 
 GROUPS = ("mrc", "spae", "head", "lora")
-STAGE_KEYS = ("name", "modalities", "train", "epochs", "learning_rate")
+STAGE_KEYS = ("name", "modalities", "train", "epochs", "learning_rate", "items", "users")
 ALL = "all"
 
 
@@ -27,6 +28,8 @@ class Stage:
     train: tuple[str, ...]
     epochs: int
     learning_rate: float
+    items: str | None = None  # how history items enter training prompts (ITEM_INPUTS); None: as the model serves
+    users: float = 1.0  # the fraction of training users (all their rows) the stage trains on, drawn with the seed
 
     def to_dict(self) -> dict:
         return {**asdict(self), "modalities": list(self.modalities), "train": list(self.train)}
@@ -42,14 +45,13 @@ def _split_list(text: str) -> list[str] | None:
 
 
 def parse_compact(text: str) -> list[dict]:
-    """``name:modalities:train:epochs:lr`` stages separated by ``,``; list items joined by ``+``."""
+    """``name:modalities:train:epochs:lr:items:users`` stages separated by ``,``; list items joined by ``+``."""
     stages = []
     for index, chunk in enumerate(part for part in text.split(",") if part.strip()):
         fields = [f.strip() for f in chunk.split(":")]
         if len(fields) > len(STAGE_KEYS):
             raise UsageError(
-                f"mpo_stages stage {index} '{chunk}' has {len(fields)} fields; "
-                "expected name:modalities:train:epochs:learning_rate"
+                f"mpo_stages stage {index} '{chunk}' has {len(fields)} fields; expected {':'.join(STAGE_KEYS)}"
             )
         spec: dict = {}
         for key, value in zip(STAGE_KEYS, fields, strict=False):
@@ -59,7 +61,7 @@ def parse_compact(text: str) -> list[dict]:
                 spec[key] = _split_list(value)
             elif key == "epochs":
                 spec[key] = _number(value, int, index, key)
-            elif key == "learning_rate":
+            elif key in ("learning_rate", "users"):
                 spec[key] = _number(value, float, index, key)
             else:
                 spec[key] = value
@@ -134,7 +136,13 @@ def parse_stages(
         lr = item.get("learning_rate", learning_rate)
         if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
             raise UsageError(f"mpo_stages stage '{name}': learning_rate must be a positive number, not {lr!r}")
-        stages.append(Stage(name, active, train, stage_epochs, float(lr)))
+        items = item.get("items")
+        if items is not None and items not in ITEM_INPUTS:
+            raise UsageError(f"mpo_stages stage '{name}': items must be one of {', '.join(ITEM_INPUTS)}, not {items!r}")
+        users = item.get("users", 1.0)
+        if isinstance(users, bool) or not isinstance(users, int | float) or not 0 < users <= 1:
+            raise UsageError(f"mpo_stages stage '{name}': users must be a fraction > 0 and <= 1, not {users!r}")
+        stages.append(Stage(name, active, train, stage_epochs, float(lr), items, float(users)))
     names = [stage.name for stage in stages]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
