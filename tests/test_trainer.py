@@ -334,18 +334,22 @@ def test_a_words_stage_trains_its_user_sample_in_words_and_is_scored_with_tokens
     assert rerun_batches == batches and rerun_result == result  # the same users, order and model on a rerun
 
 
-def test_resume_mid_words_stage_reproduces_the_uninterrupted_run(toy, tmp_path, monkeypatch):
-    copy = tmp_path / "copy"
-    original_write = mpo.write_checkpoint
-
-    def keep_mid_words(path, tensors, state):
-        size = original_write(path, tensors, state)
-        position = state.get("position") or {}
-        if (position.get("stage_name"), position.get("epoch"), position.get("batch")) == ("words", 1, 1):
+def copy_checkpoints_at(monkeypatch, copy: Path, position: tuple[str, int, int]) -> Path:
+    """Copy the checkpoint folder to ``copy`` when the resume checkpoint of (stage, epoch, batch) is written: the
+    state a kill right after that batch would leave."""
+    def keep(path, tensors, state):
+        size = write_checkpoint(path, tensors, state)
+        at = state.get("position") or {}
+        if (at.get("stage_name"), at.get("epoch"), at.get("batch")) == position:
             shutil.copytree(Path(path).parent, copy)
         return size
 
-    monkeypatch.setattr(mpo, "write_checkpoint", keep_mid_words)
+    monkeypatch.setattr(mpo, "write_checkpoint", keep)
+    return copy
+
+
+def test_resume_mid_words_stage_reproduces_the_uninterrupted_run(toy, tmp_path, monkeypatch):
+    copy = copy_checkpoints_at(monkeypatch, tmp_path / "copy", ("words", 1, 1))
     settings = toy_config(toy, tmp_path / "whole", mpo_stages=CURRICULUM, checkpoint_every_steps=1,
                           train_batch_size=8)  # 2 batches per words epoch
     config, model, train, valid, test = build(settings)
@@ -353,7 +357,7 @@ def test_resume_mid_words_stage_reproduces_the_uninterrupted_run(toy, tmp_path, 
     whole_valid = whole.fit(train, valid)
     whole_test = floats(whole.evaluate(test, load_best_model=True))
     whole_weights = trained(model)
-    monkeypatch.setattr(mpo, "write_checkpoint", original_write)
+    monkeypatch.setattr(mpo, "write_checkpoint", write_checkpoint)
 
     (resume_file,) = copy.glob("*.resume.safetensors")
     config, model, train, valid, test = build({**settings, "resume": str(resume_file)})
@@ -434,22 +438,12 @@ def test_resume_keeps_the_best_of_the_schedule_and_the_running_stage(toy, tmp_pa
     """Killed in 'worse' after its best epoch, a run resumes with early's best as the schedule's and worse's own
     best for 'late' to start from: both as the uninterrupted run has them."""
     scripted_validation(monkeypatch, SCORES)
-    copy = tmp_path / "copy"
-    original_write = mpo.write_checkpoint
-
-    def keep_mid_worse(path, tensors, state):
-        size = original_write(path, tensors, state)
-        position = state.get("position") or {}
-        if (position.get("stage_name"), position.get("epoch"), position.get("batch")) == ("worse", 1, 1):
-            shutil.copytree(Path(path).parent, copy)
-        return size
-
-    monkeypatch.setattr(mpo, "write_checkpoint", keep_mid_worse)
+    copy = copy_checkpoints_at(monkeypatch, tmp_path / "copy", ("worse", 1, 1))
     settings = toy_config(toy, tmp_path / "whole", mpo_stages=SCHEDULE, checkpoint_every_steps=1)
     config, model, train, valid, _ = build(settings)
     whole = SpeederTrainer(config, model)
     whole.fit(train, valid)
-    monkeypatch.setattr(mpo, "write_checkpoint", original_write)
+    monkeypatch.setattr(mpo, "write_checkpoint", write_checkpoint)
     whole_late = read_checkpoint(whole.resume_file)[0]  # at the end: late's best weights
     whole_best = trained(model)
 
@@ -517,7 +511,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(toy, tmp_path, mo
 
     monkeypatch.setattr(mpo, "write_checkpoint", keep_boundary)
     whole = run_in_process(toy, overrides(tmp_path / "whole"))
-    monkeypatch.setattr(mpo, "write_checkpoint", original_write)
+    monkeypatch.setattr(mpo, "write_checkpoint", write_checkpoint)
     (whole_best,) = (tmp_path / "whole").glob("*[0-9].safetensors")
 
     watcher.join(timeout=300)
