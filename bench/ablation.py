@@ -41,6 +41,7 @@ VARIANTS = {
     "recast_weights": ({"autocast_frozen_weights": False}, "frozen weights recast by autocast at every call"),
     "no_prefix_cache": ({"prefix_cache": False}, "instruction prefix recomputed for every row"),
     "no_inference_mode": ({"inference_mode": False}, "scoring under RecBole's torch.no_grad only"),
+    "full_last_layer": ({"last_layer_reads_only": False}, "the last decoder layer computed at every slot"),
     "no_lora": ({"lora_r": 0}, "LLM fully frozen"),
     "layers_1": ({"backbone_layers": 1}, "1 decoder layer"),
     "layers_4": ({"backbone_layers": 4}, "4 decoder layers"),

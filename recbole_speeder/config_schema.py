@@ -200,11 +200,6 @@ def _suffix_rule(value: str, config: Mapping[str, Any]) -> None:
                          f"its item; set train_all_positions: False), got {value!r}")
 
 
-def _predict_mode_rule(value: str, config: Mapping[str, Any]) -> None:
-    if value == "generate" and config.get("train_all_positions"):
-        raise UsageError("predict_mode: 'generate' trains one answer per row: set train_all_positions: False")
-
-
 def _metrics_rule(value: list, config: Mapping[str, Any]) -> None:
     from recbole.evaluator.register import metric_types  # RecBole's registry, the plugin's metrics added
 
@@ -285,6 +280,7 @@ SCHEMA: dict[str, Key] = {
     "inference_mode": Key(bool),
     "autocast_dtype": Key(str, choices=AUTOCAST_DTYPES),
     "autocast_frozen_weights": Key(bool),
+    "last_layer_reads_only": Key(bool),
     "similarity": Key(str, choices=SIMILARITIES),
     "temperature": Key(float, above=0),
     "head_dropout": Key(float, minimum=0, below=1),
@@ -297,7 +293,7 @@ SCHEMA: dict[str, Key] = {
     "resume": Key(str, optional=True),
     "dist_backend": Key(str, optional=True, choices=DIST_BACKENDS),
     "ddp_find_unused_parameters": Key(bool),
-    "predict_mode": Key(str, choices=PREDICT_MODES, rule=_predict_mode_rule),
+    "predict_mode": Key(str, choices=PREDICT_MODES),
     "generate_decoder": Key(str, choices=GENERATE_DECODERS),
     "generate_candidates": Key(int, minimum=2),
     "generate_labels": Key(str, choices=GENERATE_LABELS),

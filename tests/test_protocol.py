@@ -410,9 +410,8 @@ def test_text_mode_title_scores_equal_a_direct_forward(toy_dict):
     candidates = torch.tensor([[1, 9, 11], [13, 15, 17]])
     with torch.no_grad():
         scores = answerer.answer_scores(model, item_seq, item_seq_len, None, candidates)
-        embeds, items, lengths, _, _ = answerer._prompt(
-            model, item_seq, item_seq_len, None, model.item_tokens(), candidates
-        )
+        prompt = answerer._prompt(model, item_seq, item_seq_len, None, model.item_tokens(), candidates)
+        embeds, items, lengths = prompt.dense(), prompt.items, prompt.lengths
         prefix = model.llm.get_input_embeddings()(model.prefix_ids).float()
         for row in range(2):
             for slot, item in enumerate(candidates[row].tolist()):
@@ -446,8 +445,6 @@ def test_protocol_mistakes_are_one_line_usage_errors(toy_dict):
     generate = {"predict_mode": "generate", "train_all_positions": False}
     with pytest.raises(UsageError, match="predict_mode: expected one of score, generate"):
         build("Speeder", toy_dict, predict_mode="beam")
-    with pytest.raises(UsageError, match="train_all_positions: False"):
-        build("Speeder", toy_dict, predict_mode="generate")
     with pytest.raises(UsageError, match="eval_batch_size >= 20"):
         build("Speeder", toy_dict, eval_batch_size=10, **generate)
     with pytest.raises(UsageError, match="letters has 26 labels"):  # 30 > 40 items - 11 in a history: not LLaRA's

@@ -15,10 +15,11 @@ from recbole.utils import init_seed
 
 from recbole_speeder.data.features import save_item_features
 from recbole_speeder.model import Speeder
-from recbole_speeder.model.prompt import length_groups, slot_items
+from recbole_speeder.model.prompt import dense_batch, item_reads, length_groups, slot_items
 from recbole_speeder.utils import create_dataset
 
 FLOAT32 = {"autocast_dtype": "float32"}
+GENERATE = {"predict_mode": "generate", "train_all_positions": False}
 
 
 BASE = {
@@ -102,7 +103,7 @@ def test_prefix_cache_gives_the_scores_of_the_full_prompt(build):
 def test_length_buckets_give_the_scores_loss_and_gradients_of_one_padded_batch(build, item_repr):
     model, train, valid = build(item_repr=item_repr, length_bucket_tokens=0, **FLOAT32)
     bucketed = copy.deepcopy(model)
-    lengths = model._prompt_embeddings(*model._inputs(train), model.item_tokens())[1].last + 1
+    lengths = model._prompt_tokens(*model._inputs(train), model.item_tokens())[2].last + 1
     bucketed.length_bucket_tokens = 4 * int(lengths.max())
     assert len(length_groups(lengths, bucketed.length_bucket_tokens, bucketed.length_bucket_padding)) > 1
     assert torch.allclose(scores(model, valid), scores(bucketed, valid), atol=1e-4)
@@ -119,17 +120,22 @@ def test_length_buckets_give_the_scores_loss_and_gradients_of_one_padded_batch(b
 
 @pytest.mark.parametrize("item_repr", ["mrc", "text"])
 def test_length_groups_read_the_states_of_the_padded_batch_through_one_backbone_call(build, item_repr):
-    """The groups' side-by-side input buffer holds each row's prompt exactly as the dense padded batch does."""
+    """The groups' side-by-side input buffer holds each row's prompt exactly as the dense padded batch does; the
+    all-position reads past a history are not computed (zeros)."""
     model, train, _ = build(item_repr=item_repr, **FLOAT32)
     inputs = (*model._inputs(train), model.item_tokens())
-    lengths = model._prompt_embeddings(*inputs)[1].last + 1
+    lengths = model._prompt_tokens(*inputs)[2].last + 1
     model.length_bucket_tokens = 4 * int(lengths.max())
     with torch.no_grad():
-        embeds, layout = model._prompt_embeddings(*inputs)
+        values, where, layout = model._prompt_tokens(*inputs)
         items = slot_items(layout, inputs[1], layout.n_slots)
-        dense = model._run_backbone(embeds, items)  # every row padded to the longest prompt, one call
-        for all_positions, reads in ((False, layout.last.unsqueeze(1)), (True, layout.item_end.clamp(min=0))):
-            expected = dense.gather(1, reads.unsqueeze(-1).expand(-1, -1, dense.shape[-1]))
+        every_slot = torch.arange(layout.n_slots).expand(len(lengths), -1)
+        dense = model._run_backbone(dense_batch(values, where, len(lengths), layout.n_slots), items, every_slot)
+        every_item = item_reads(layout, inputs[1])
+        assert (every_item < 0).any()
+        for all_positions, reads in ((False, layout.last.unsqueeze(1)), (True, every_item)):
+            expected = dense.gather(1, reads.clamp(min=0).unsqueeze(-1).expand(-1, -1, dense.shape[-1]))
+            expected[reads < 0] = 0
             states = model._states(*inputs, all_positions=all_positions)
             assert torch.allclose(states.view_as(expected), expected, atol=1e-4)
 
@@ -176,6 +182,98 @@ def test_all_position_loss_is_the_mean_of_one_prefix_at_a_time(build):
                 per_prefix.append(model.calculate_loss(prefix).item())
     assert len(per_prefix) == int(item_seq_len.sum()) > len(rows)
     assert all_positions.item() == pytest.approx(float(np.mean(per_prefix)), rel=1e-4)
+
+
+def loss_and_gradients(model: Speeder, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """One training loss and its gradients; a generative model draws its negatives from a freshly seeded generator."""
+    model.zero_grad()
+    if model.generative is not None:
+        model.generative.generator.manual_seed(0)
+    loss = model.calculate_loss(batch)
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("item_repr", ["mrc", "text"])
+def test_generative_loss_in_length_buckets_equals_one_padded_batch(build, item_repr):
+    model, train, _ = build(item_repr=item_repr, length_bucket_tokens=0, **GENERATE, **FLOAT32)
+    plain_loss, plain = loss_and_gradients(model, train)
+    calls = []
+    run_backbone = model._run_backbone
+    model._run_backbone = lambda *args: calls.append(1) or run_backbone(*args)
+    model.length_bucket_tokens = 1024
+    loss, gradients = loss_and_gradients(model, train)
+    assert len(calls) > 1  # several length groups
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    assert gradients.keys() == plain.keys() and any("lora" in name for name in gradients)
+    for name, grad in gradients.items():
+        assert torch.allclose(grad, plain[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_generative_window_loss_is_score_mode_loss_plus_the_per_row_answer(build):
+    """``train_all_positions`` in generative mode: one forward gives score mode's all-position loss and the answer
+    of the window's target as the per-row prompt gives it; the candidate list after the history is invisible to
+    the history's states (causal attention)."""
+    model, train, _ = build(predict_mode="generate", **FLOAT32)
+    answerer = model.generative
+    weight = answerer.score_loss_weight
+    assert model.train_all_positions and weight > 0
+    loss, gradients = loss_and_gradients(model, train)
+    answerer.score_loss_weight, model.train_all_positions = 0.0, False
+    answer_loss, answer = loss_and_gradients(model, train)  # the same negatives, one answer per row
+    model.generative, model.train_all_positions = None, True
+    score_loss, score = loss_and_gradients(model, train)  # score mode
+    assert loss == pytest.approx(answer_loss + weight * score_loss, rel=1e-5)
+    assert gradients.keys() == answer.keys() | score.keys()
+    for name, grad in gradients.items():
+        expected = answer.get(name, 0) + weight * score.get(name, 0)
+        assert torch.allclose(grad, expected, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [{}, GENERATE, {**GENERATE, "item_repr": "text"}, {**GENERATE, "item_repr": "text", "spae_relative": False}],
+    ids=["score", "mrc", "text", "text-no-bias"],
+)
+def test_last_layer_at_the_reads_gives_the_states_of_the_full_last_layer(build, mode):
+    """Loss, gradients and scores with the last decoder layer run at the read slots only, against the full layer,
+    under SPAE's item-distance attention bias (random, nonzero: the 4D mask every layer gets) or, without it, plain
+    causal attention and the padding mask of decoding; text mode's title scores continue from the cache the prompt
+    pass leaves."""
+    full, train, valid = build(last_layer_reads_only=False, **mode, **FLOAT32)
+    bias = full.spae.distance_bias
+    assert (bias is None) == (mode.get("spae_relative") is False)
+    assert bias is None or bool((bias != 0).all())
+    reads_only = copy.deepcopy(full)
+    reads_only.last_layer_reads_only = True
+    rows_in_last_mlp = {}
+    results = {}
+    for name, model in (("full", full), ("reads", reads_only)):
+        mlp = model.llm.get_decoder().layers[-1].mlp
+        rows_in_last_mlp[name] = 0
+
+        def count(_module, inputs, _name=name):
+            rows_in_last_mlp[_name] += inputs[0].shape[:-1].numel()
+
+        hook = mlp.register_forward_pre_hook(count)
+        loss, gradients = loss_and_gradients(model, train)
+        with torch.no_grad():
+            if model.generative is None:
+                answers = model.full_sort_predict(valid)
+            else:
+                item_seq, item_seq_len, timestamps = model._inputs(valid)
+                candidates = torch.arange(1, 6).repeat(len(valid), 1) + 5 * torch.arange(len(valid)).unsqueeze(1)
+                answers = model.generative.answer_scores(model, item_seq, item_seq_len, timestamps, candidates)
+        hook.remove()
+        results[name] = loss, gradients, answers
+    assert rows_in_last_mlp["reads"] < rows_in_last_mlp["full"]
+    (loss, gradients, answers), (plain_loss, plain, plain_answers) = results["reads"], results["full"]
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    assert gradients.keys() == plain.keys()
+    assert bias is None or "spae.distance_bias" in gradients
+    for name, grad in gradients.items():
+        assert torch.allclose(grad, plain[name], atol=1e-5, rtol=1e-4), name
+    assert torch.allclose(answers, plain_answers, atol=1e-4)
 
 
 def test_chunked_item_tokens_equal_one_pass(build):

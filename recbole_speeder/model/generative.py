@@ -5,7 +5,10 @@ The prompt continues the one Speeder already packs (instruction prefix, history 
 token(s), or its text tokens with ``item_repr: text`` (there the list is LLaRA-style, ``; title ; title``, and
 the answer is a title plus an end token). Training: the true next item and N-1 negatives per row (drawn from a
 generator seeded by ``seed``, positions shuffled), language-model loss on the answer tokens only, plus the
-score-mode loss read at the history's end of the same forward (``generate_score_loss_weight``).
+score-mode loss read at the history's end of the same forward (``generate_score_loss_weight``). With
+``train_all_positions`` a training row is a window of the tiling training set: the score-mode loss trains every
+position of it, as in score mode, and the answer is its last target's (one answer per window instead of one per
+target: the candidate list, ~45 tokens, is what an answer costs).
 
 Decoders: ``constrained`` takes the argmax over the N candidates (label-token logits at the answer position; in
 text mode each title's log-likelihood), so every answer is valid; ``free`` greedy-decodes text and parses it
@@ -36,7 +39,7 @@ from transformers import DynamicCache
 
 from recbole_speeder.config_schema import GENERATE_LABELS
 from recbole_speeder.errors import UsageError
-from recbole_speeder.model.prompt import pack_layout, slot_items, text_token_ids
+from recbole_speeder.model.prompt import dense_batch, item_reads, pack_layout, slot_items, text_token_ids
 from recbole_speeder.protocol import candidate_count, check_list_batches
 
 LABEL_SETS = dict(zip(GENERATE_LABELS, ([chr(ord("A") + i) for i in range(26)], [str(i + 1) for i in range(99)]),
@@ -89,6 +92,22 @@ def named_candidate(answer: str, titles: list[str], rule: str) -> int:
         return titles.index(answer) if answer and answer in titles else -1
     named = [slot for slot, title in enumerate(titles) if title and title in answer]
     return named[0] if len(named) == 1 else -1
+
+
+@dataclass
+class _Prompt:
+    """Candidate prompts after the instruction prefix, as their real tokens, and the slots read from them."""
+
+    values: torch.Tensor  # [T, d] input embeddings of the real tokens
+    where: tuple[torch.Tensor, torch.Tensor]  # their (row, slot)
+    lengths: torch.Tensor  # [B] slots per prompt
+    items: torch.Tensor  # [B, max(lengths)] history item of each slot (``prompt.slot_items``: SPAE's distance bias)
+    item_end: torch.Tensor  # [B, L] slot of each history item's last token, -1 past the history (all positions)
+    history_end: torch.Tensor  # [B] slot of the history's last token (score-mode readout of the row's target)
+    cue_end: torch.Tensor  # [B] slot of the answer cue's last token: the answer's first token is read there
+
+    def dense(self) -> torch.Tensor:
+        return dense_batch(self.values, self.where, len(self.lengths), int(self.lengths.max()))
 
 
 @dataclass
@@ -185,9 +204,11 @@ class GenerativeAnswerer(nn.Module):
             return self.label_ids[: candidates.shape[1]].expand_as(candidates)
         return torch.full_like(candidates, self.separator_id)
 
-    def _section(self, model, candidates, item_tokens, answer_ids, answer_len) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                       torch.Tensor]:
-        """Embeddings of ``header, N candidate blocks, cue, answer`` per row, their lengths, and the cue's end slot."""
+    def _section(self, model, candidates, item_tokens, answer_ids, answer_len) -> tuple[
+        torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor
+    ]:
+        """``header, N candidate blocks, cue, answer`` per row: embeddings of its real tokens ``[T, d]``, their
+        ``(row, slot)`` counted from the section's start, the section lengths and the cue's last slot."""
         batch, n = candidates.shape
         n_header, n_cue = self.header_ids.numel(), self.cue_ids.numel()
         content = model.content_lengths(candidates, item_tokens, model.served_items)  # as served, in every stage
@@ -201,10 +222,14 @@ class GenerativeAnswerer(nn.Module):
             dim=1,
         )
         layout = pack_layout(blocks, 0)
-        block, offset = layout.item_index, layout.offset
+        lengths = layout.last + 1
+        real = torch.arange(layout.n_slots, device=lengths.device) < lengths.unsqueeze(1)
+        rows, slots = real.nonzero(as_tuple=True)
+        block, offset = layout.item_index[rows, slots], layout.offset[rows, slots]
+        listed = (block - 1).clamp(0, n - 1)
         in_candidate = (block >= 1) & (block <= n)
-        item = candidates.gather(1, (block - 1).clamp(0, n - 1))
-        lead = self._lead_ids(candidates).gather(1, (block - 1).clamp(0, n - 1))
+        item = candidates[rows, listed]
+        lead = self._lead_ids(candidates)[rows, listed]
         in_content = in_candidate & (offset >= 1)
         content_offset = (offset - 1).clamp(min=0)
 
@@ -214,33 +239,33 @@ class GenerativeAnswerer(nn.Module):
         if n_cue:
             ids = torch.where(block == n + 1, self.cue_ids[offset.clamp(max=n_cue - 1)], ids)
         if answer_ids.shape[1]:
-            ids = torch.where(block == n + 2, answer_ids.gather(1, offset.clamp(max=answer_ids.shape[1] - 1)), ids)
+            ids = torch.where(block == n + 2, answer_ids[rows, offset.clamp(max=answer_ids.shape[1] - 1)], ids)
         ids = torch.where(in_candidate & (offset == 0), lead, ids)
-        embeds = model.slot_embeddings(ids, item, in_content, content_offset, item_tokens, model.served_items)
-        return embeds, layout.last + 1, layout.item_end[:, n + 1]
+        values = model.slot_embeddings(ids, item, in_content, content_offset, item_tokens, model.served_items)
+        return values, (rows, slots), lengths, layout.item_end[:, n + 1]
 
     def _prompt(self, model, item_seq, item_seq_len, timestamps, item_tokens, candidates, answer_ids=None,
-                answer_len=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The whole prompt after the prefix: ``(embeds, history item per slot, lengths, history readout slot, cue
-        end slot)``."""
-        history, layout = model._prompt_embeddings(item_seq, item_seq_len, timestamps, item_tokens)
+                answer_len=None) -> _Prompt:
+        """The whole prompt after the prefix: the history as Speeder packs it, then the candidate section."""
+        values, (rows, slots), layout = model._prompt_tokens(item_seq, item_seq_len, timestamps, item_tokens)
         if answer_ids is None:
             answer_ids = torch.zeros(len(candidates), 0, dtype=torch.long, device=candidates.device)
             answer_len = torch.zeros(len(candidates), dtype=torch.long, device=candidates.device)
-        section, section_len, cue_end = self._section(model, candidates, item_tokens, answer_ids, answer_len)
+        section, (section_rows, section_slots), section_len, cue_end = self._section(
+            model, candidates, item_tokens, answer_ids, answer_len
+        )
         history_len = layout.last + 1
-        lengths = history_len + section_len
-        slots = torch.arange(int(lengths.max()), device=candidates.device).unsqueeze(0)
-        in_history = slots < history_len.unsqueeze(1)
-        d = history.shape[-1]
-        from_history = history.gather(1, slots.clamp(max=history.shape[1] - 1).expand(len(lengths), -1)
-                                      .unsqueeze(-1).expand(-1, -1, d))
-        section_slot = (slots - history_len.unsqueeze(1)).clamp(0, section.shape[1] - 1)
-        from_section = section.gather(1, section_slot.unsqueeze(-1).expand(-1, -1, d))
-        embeds = torch.where(in_history.unsqueeze(-1), from_history, from_section)
         model.prompt_token_stats["tokens"] += int((section_len - answer_len).sum())
-        items = slot_items(layout, item_seq_len, embeds.shape[1])
-        return embeds, items, lengths, layout.last, history_len + cue_end
+        lengths = history_len + section_len
+        return _Prompt(
+            values=torch.cat([values, section]),
+            where=(torch.cat([rows, section_rows]), torch.cat([slots, history_len[section_rows] + section_slots])),
+            lengths=lengths,
+            items=slot_items(layout, item_seq_len, int(lengths.max())),
+            item_end=item_reads(layout, item_seq_len),
+            history_end=layout.last,
+            cue_end=history_len + cue_end,
+        )
 
     # ------------------------------------------------------------------ answers
     def _answer_tokens(self, model, items: torch.Tensor, listed_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,28 +306,37 @@ class GenerativeAnswerer(nn.Module):
         return candidates.gather(1, order).to(targets.device), listed_at.to(targets.device)
 
     def loss(self, model, interaction) -> torch.Tensor:
-        """LM loss on the answer naming the true item among N candidates (+ the weighted score-mode loss)."""
+        """LM loss on the answer naming the true item among N candidates (+ the weighted score-mode loss).
+
+        One forward gives both: the score-mode states are read in the history, before the candidate section, which
+        causal attention keeps them from seeing. With ``train_all_positions`` they are read after every history
+        item (a window of the tiling training set, as in score mode), and the answer is the window's last target's.
+        """
         item_seq, item_seq_len, timestamps = model._inputs(interaction)
         targets = interaction[model.POS_ITEM_ID]
         candidates, listed_at = self._training_candidates(targets)
         item_tokens = model.item_tokens()
         answer, answer_len = self._answer_tokens(model, targets, listed_at)
         teacher = answer[:, :-1] if answer.shape[1] > 1 else answer[:, :0]
-        embeds, items, _, history_end, cue_end = self._prompt(
+        prompt = self._prompt(
             model, item_seq, item_seq_len, timestamps, item_tokens, candidates, teacher, answer_len - 1
         )
-        hidden = model._run_backbone(embeds, items)
         steps = torch.arange(answer.shape[1], device=answer.device)
-        slots = (cue_end.unsqueeze(1) + steps).clamp(max=hidden.shape[1] - 1)
-        read = hidden.gather(1, slots.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        real = steps < answer_len.unsqueeze(1)
-        loss = F.cross_entropy(self._lm_logits(model, read[real]), answer[real])
+        reads = (prompt.cue_end.unsqueeze(1) + steps).minimum((prompt.lengths - 1).unsqueeze(1))
         if self.score_loss_weight:
-            batch = torch.arange(len(targets), device=targets.device)
-            users = model._user_vectors(hidden[batch, history_end])
-            logits = users @ model._item_vectors(item_tokens).T
-            logits = logits.masked_fill(torch.arange(model.n_items, device=logits.device) == 0, float("-inf"))
-            loss = loss + self.score_loss_weight * model.loss_fct(logits, targets)
+            history = prompt.item_end if model.train_all_positions else prompt.history_end.unsqueeze(1)
+            reads = torch.cat([reads, history], dim=1)
+        states = model._hidden_states(prompt.values, prompt.where, prompt.lengths, reads, prompt.items)
+        real = steps < answer_len.unsqueeze(1)
+        with model._autocast():  # training logits, as score mode's: the full vocabulary at every answer token
+            logits = self._lm_logits(model, states[:, : len(steps)][real])
+        loss = F.cross_entropy(logits, answer[real])
+        if self.score_loss_weight:
+            history_states = states[:, len(steps) :]
+            if not model.train_all_positions:
+                history_states = history_states[:, 0]
+            score = model._score_loss(history_states, item_seq, item_seq_len, targets, item_tokens)
+            loss = loss + self.score_loss_weight * score
         return loss
 
     # ------------------------------------------------------------------ decoding
@@ -321,14 +355,13 @@ class GenerativeAnswerer(nn.Module):
             embeds = torch.cat([prefix, embeds], dim=1)
         real = torch.arange(n_slots, device=embeds.device) < lengths.unsqueeze(1)
         with model._autocast():  # the precision of the cached prefix and of every other backbone call
-            out = model.llm.get_decoder()(
-                inputs_embeds=embeds.to(model.backbone_dtype),
-                attention_mask=model.backbone_mask(items, embeds.shape[1], real),
-                cache=cache,
-                use_cache=True,
+            last = model._decode_at(
+                embeds.to(model.backbone_dtype),
+                cache,
+                (offset + lengths - 1).unsqueeze(1),
+                model.backbone_mask(items, embeds.shape[1], real),
             )
-        last = out.last_hidden_state[torch.arange(batch, device=embeds.device), offset + lengths - 1]
-        return _Decoding(cache, items, real, n_prefix + lengths, last.float())
+        return _Decoding(cache, items, real, n_prefix + lengths, last[:, 0].float())
 
     def _continue(self, model, state: _Decoding, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed ``token_ids [B, T]`` after each prompt's end; returns their hidden states ``[B, T, d]``."""
@@ -415,15 +448,13 @@ class GenerativeAnswerer(nn.Module):
 
     def answer_scores(self, model, item_seq, item_seq_len, timestamps, candidates: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, N]`` of the listed candidates (listing order): see the module docstring."""
-        item_tokens = model.item_tokens()
-        embeds, items, lengths, _, cue_end = self._prompt(
-            model, item_seq, item_seq_len, timestamps, item_tokens, candidates
-        )
+        prompt = self._prompt(model, item_seq, item_seq_len, timestamps, model.item_tokens(), candidates)
         if self.item_repr == "mrc" and self.decoder == "constrained":
-            hidden = model._run_backbone(embeds, items)
-            last = hidden[torch.arange(len(candidates), device=candidates.device), cue_end]
-            return self._lm_logits(model, last, self.label_ids[: candidates.shape[1]]).log_softmax(dim=-1)
-        state = self._prompt_forward(model, embeds, items, lengths)
+            last = model._hidden_states(
+                prompt.values, prompt.where, prompt.lengths, prompt.cue_end.unsqueeze(1), prompt.items
+            )
+            return self._lm_logits(model, last[:, 0], self.label_ids[: candidates.shape[1]]).log_softmax(dim=-1)
+        state = self._prompt_forward(model, prompt.dense(), prompt.items, prompt.lengths)
         first = self._lm_logits(model, state.last).log_softmax(dim=-1)
         if self.decoder == "constrained":
             return self._title_scores(model, state, candidates, first)

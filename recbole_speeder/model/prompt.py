@@ -61,6 +61,20 @@ def slot_items(layout: PackedLayout, lengths: torch.Tensor, n_slots: int) -> tor
     return items
 
 
+def item_reads(layout: PackedLayout, item_seq_len: torch.Tensor) -> torch.Tensor:
+    """Slot of each history item's last token ``[B, L]`` (all-position readouts), -1 past the history: not read."""
+    positions = torch.arange(layout.item_end.shape[1], device=item_seq_len.device)
+    return layout.item_end.masked_fill(positions >= item_seq_len.unsqueeze(1), -1)
+
+
+def dense_batch(
+    values: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], n_rows: int, n_slots: int
+) -> torch.Tensor:
+    """Real tokens ``values [T, d]`` at ``where = (row, slot)`` as one right-padded batch ``[n_rows, n_slots, d]``,
+    zeros elsewhere: for a backbone call that needs the whole batch at once (decoding with a cache)."""
+    return values.new_zeros(n_rows, n_slots, values.shape[-1]).index_put_(where, values)
+
+
 def length_groups(lengths: torch.Tensor, max_tokens: int, max_padding: float) -> list[torch.Tensor]:
     """Row indices of a batch in groups of similar prompt length, each padded only to its own longest prompt.
 

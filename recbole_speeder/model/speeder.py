@@ -27,11 +27,12 @@ from transformers import DynamicCache
 
 from recbole_speeder.data.item_features import build_item_features, item_texts
 from recbole_speeder.errors import UsageError
-from recbole_speeder.model.backbone import load_backbone, store_frozen_linears_in
+from recbole_speeder.model.backbone import decode_at, load_backbone, reads_only_supported, store_frozen_linears_in
 from recbole_speeder.model.generative import GenerativeAnswerer, distinct_histories
 from recbole_speeder.model.mrc import MixtureOfModalityExperts
 from recbole_speeder.model.prompt import (
     PackedLayout,
+    item_reads,
     item_text_token_ids,
     length_groups,
     marker_token_ids,
@@ -87,6 +88,10 @@ class Speeder(SequentialRecommender):
             store_frozen_linears_in(self.llm, self.autocast_dtype)
         embeddings = self.llm.get_input_embeddings()
         self.d_model = embeddings.embedding_dim
+        self.last_layer_reads_only = bool(config["last_layer_reads_only"])
+        if self.last_layer_reads_only and not reads_only_supported(self.llm.get_decoder()):
+            getLogger().warning("last_layer_reads_only needs a Llama-family backbone: the last layer runs in full")
+            self.last_layer_reads_only = False
         self.backbone_dtype = embeddings.weight.dtype
 
         # MRC: item features -> soft tokens
@@ -245,14 +250,6 @@ class Speeder(SequentialRecommender):
         return users / self.temperature
 
     # ------------------------------------------------------------------ prompt and backbone
-    def _prompt_embeddings(
-        self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, timestamps, item_tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, PackedLayout]:
-        """The packed prompts as one right-padded batch ``[B, N, d]`` (the generative prompt builds on it)."""
-        values, (rows, slots), layout = self._prompt_tokens(item_seq, item_seq_len, timestamps, item_tokens)
-        embeds = values.new_zeros(len(item_seq), layout.n_slots, self.d_model)
-        return embeds.index_put_((rows, slots), values), layout
-
     def _prompt_tokens(
         self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, timestamps, item_tokens: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], PackedLayout]:
@@ -373,36 +370,55 @@ class Speeder(SequentialRecommender):
         self,
         embeds: torch.Tensor,
         items: torch.Tensor,
+        reads: torch.Tensor,
         prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Float32 hidden states of right-padded prompt tokens after the prefix, whose history items are ``items``
-        (``slot_items``); the prefix comes from ``prefix_kv`` when given, or the cache, or is prepended."""
-        decoder = self.llm.get_decoder()
+        """Float32 hidden states ``[B, R, d]`` at slots ``reads [B, R]`` of the right-padded prompt tokens
+        ``embeds [B, N, d]`` after the prefix, whose history items are ``items [B, N]`` (``slot_items``, for SPAE's
+        attention bias); the prefix comes from ``prefix_kv`` when given, or the cache, or is prepended."""
         embeds = embeds.to(self.backbone_dtype)
-        (batch, n_slots), n_prefix = embeds.shape[:2], self.prefix_ids.numel()
+        batch, n_prefix = embeds.shape[0], self.prefix_ids.numel()
         cache = None
         with self._autocast():
             if n_prefix and self.prefix_cache:
                 cache = DynamicCache(config=self.llm.config)
                 for layer, (keys, values) in enumerate(prefix_kv or self._prefix_key_values()):
                     cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
+                n_prefix = 0  # the prompt's slots start the input
             elif n_prefix:
                 prefix = self.llm.get_input_embeddings()(self.prefix_ids).expand(batch, -1, -1)
                 embeds = torch.cat([prefix, embeds], dim=1)
             mask = self.backbone_mask(items, embeds.shape[1])
-            hidden = decoder(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=cache is not None)
-        return hidden.last_hidden_state[:, -n_slots:].float()
+            return self._decode_at(embeds, cache, n_prefix + reads, mask).float()
+
+    def _decode_at(
+        self, embeds: torch.Tensor, cache: DynamicCache | None, reads: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The backbone's final states at slots ``reads [B, R]`` of ``embeds`` (after what ``cache`` holds, which
+        grows by every slot), under attention mask ``mask`` (``backbone_mask``: SPAE's 4D distance-biased mask, a
+        2D padding mask, or None for plain causal attention).
+
+        With ``last_layer_reads_only`` the last decoder layer computes only the states read (keys/values at every
+        slot: ``backbone.decode_at``, under the same mask), unless there are as many reads as slots.
+        """
+        decoder = self.llm.get_decoder()
+        if self.last_layer_reads_only and reads.shape[1] < embeds.shape[1]:
+            return decode_at(decoder, embeds, cache, reads, mask)
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=cache is not None)
+        return hidden.last_hidden_state.gather(1, reads.unsqueeze(-1).expand(-1, -1, self.d_model))
 
     def _hidden_states(
         self,
         values: torch.Tensor,
         where: tuple[torch.Tensor, torch.Tensor],
-        layout: PackedLayout,
-        n_items: torch.Tensor,
-        all_positions: bool,
+        lengths: torch.Tensor,
+        reads: torch.Tensor,
+        items: torch.Tensor,
     ) -> torch.Tensor:
-        """States read at every item's end ``[B, L, d]`` or at the prompt's end ``[B, d]``, from the prompts' real
-        tokens ``values`` at ``where = (row, slot)`` of histories of ``n_items`` items.
+        """States ``[B, R, d]`` read at slots ``reads [B, R]`` of prompts ``lengths [B]`` slots long, from their real
+        tokens ``values`` at ``where = (row, slot)`` (the score prompt's, or the generative prompt's), whose history
+        items are ``items [B, >= max(lengths)]`` (``slot_items``: SPAE's distance bias). A read of -1 is not needed
+        (all-position reads past a short history): those come last in a row, are not computed and read as zeros.
 
         Rows run through the backbone in groups of similar prompt length (``length_bucket_*``), each cut to its
         own longest prompt: right padding never reaches a real token under the causal mask, so the states
@@ -411,8 +427,6 @@ class Speeder(SequentialRecommender):
         3-item ones makes every row 50 slots long).
         """
         prefix_kv = self._prefix_key_values() if self.prefix_cache and self.prefix_ids.numel() else None
-        lengths = layout.last + 1
-        reads = layout.item_end.clamp(min=0) if all_positions else layout.last.unsqueeze(1)
         groups = length_groups(lengths, self.length_bucket_tokens, self.length_bucket_padding)
         shapes = [(len(rows), int(lengths[rows].max())) for rows in groups]
         starts = [0]
@@ -422,15 +436,14 @@ class Speeder(SequentialRecommender):
             starts.append(starts[-1] + n_rows * n_slots)
         rows, slots = where
         buffer = values.new_zeros(starts[-1], self.d_model).index_put_((row_start[rows] + slots,), values)
-        items = slot_items(layout, n_items, layout.n_slots)
         parts = []
         for group, start, shape in zip(groups, starts[:-1], shapes, strict=True):
             embeds = buffer[start : start + shape[0] * shape[1]].view(*shape, -1)
-            hidden = self._run_backbone(embeds, items[group, : shape[1]], prefix_kv)
-            parts.append(hidden.gather(1, reads[group].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+            needed = max(int((reads[group] >= 0).sum(dim=1).max()), 1)  # the group's reads, without trailing -1s
+            states = self._run_backbone(embeds, items[group, : shape[1]], reads[group, :needed].clamp(min=0), prefix_kv)
+            parts.append(F.pad(states, (0, 0, 0, reads.shape[1] - needed)))
         # one group is the batch in its own order; several come sorted by length and are put back
-        states = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.cat(groups).argsort()]
-        return states if all_positions else states[:, 0]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)[torch.cat(groups).argsort()]
 
     def forward(
         self,
@@ -447,7 +460,10 @@ class Speeder(SequentialRecommender):
     def _states(self, item_seq, item_seq_len, timestamps, item_tokens, all_positions: bool) -> torch.Tensor:
         """The backbone's states before the user head, shaped like ``forward``'s output."""
         values, where, layout = self._prompt_tokens(item_seq, item_seq_len, timestamps, item_tokens)
-        return self._hidden_states(values, where, layout, item_seq_len, all_positions)
+        reads = item_reads(layout, item_seq_len) if all_positions else layout.last.unsqueeze(1)
+        items = slot_items(layout, item_seq_len, layout.n_slots)
+        states = self._hidden_states(values, where, layout.last + 1, reads, items)
+        return states if all_positions else states[:, 0]
 
     def _inputs(self, interaction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         timestamps = interaction[self.time_list_field] if self.time_list_field in interaction else None
@@ -458,10 +474,14 @@ class Speeder(SequentialRecommender):
         if self.generative is not None:
             return self.generative.loss(self, interaction)
         item_seq, item_seq_len, timestamps = self._inputs(interaction)
-        targets = interaction[self.POS_ITEM_ID]
         item_tokens = self.item_tokens()
         states = self._states(item_seq, item_seq_len, timestamps, item_tokens, self.train_all_positions)
-        if self.train_all_positions:
+        return self._score_loss(states, item_seq, item_seq_len, interaction[self.POS_ITEM_ID], item_tokens)
+
+    def _score_loss(self, states, item_seq, item_seq_len, targets, item_tokens) -> torch.Tensor:
+        """Full-softmax next-item loss of states read at the history's end ``[B, d]``, or after every history item
+        ``[B, L, d]`` (all-position training); the generative loss adds it too (``generate_score_loss_weight``)."""
+        if states.dim() == 3:
             # position t predicts the item after it; the last one predicts the row's target
             next_items = torch.cat([item_seq[:, 1:], torch.zeros_like(item_seq[:, :1])], dim=1)
             next_items = next_items.scatter(1, (item_seq_len - 1).unsqueeze(1), targets.unsqueeze(1))
