@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from recbole.data import data_preparation  # noqa: E402
 
 from bench.measure import adam, median, paired_ratio, paired_timings, peak_rss, scoring, training_step  # noqa: E402
-from bench.report import ModelRow, publish, run_cli, section  # noqa: E402
+from bench.report import ModelRow, publish, run_cli, section, workload_parser  # noqa: E402
 from bench.workload import Workload, build_workload  # noqa: E402
 from recbole_speeder.config import Config  # noqa: E402
 from recbole_speeder.errors import UsageError  # noqa: E402
@@ -57,16 +57,12 @@ PREPARE_HINT = (
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_path", default="dataset/", help="RecBole data_path holding <dataset>/ (dataset_prep)")
-    parser.add_argument("--dataset", default="Amazon_Beauty", help="dataset name (default Amazon_Beauty)")
-    parser.add_argument(
-        "--train_rows", type=int, default=None, help="training windows per step (default: train_batch_size, 256)"
+    parser = workload_parser(
+        __doc__.split("\n\n")[0],
+        eval_users_default=None,
+        eval_users_help="users per inference batch (default: eval_batch_size, 1024)",
+        train_rows_help="training windows per step (default: train_batch_size, 256)",
     )
-    parser.add_argument(
-        "--eval_users", type=int, default=None, help="users per inference batch (default: eval_batch_size, 1024)"
-    )
-    parser.add_argument("--candidates", type=int, default=20, help="candidates per user, true item included")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no_text", action="store_true", help="skip the text-description mode (no ratios)")

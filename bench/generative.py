@@ -29,7 +29,7 @@ from recbole.utils import init_seed  # noqa: E402
 
 from bench.efficiency import check_data, prompt_tokens, quiet_config, shared_backbone  # noqa: E402
 from bench.measure import adam, median, paired_ratio, paired_timings, scoring, training_step  # noqa: E402
-from bench.report import command_line, machine_line, publish, run_cli, utc_now  # noqa: E402
+from bench.report import command_line, machine_line, publish, run_cli, utc_now, workload_parser  # noqa: E402
 from bench.workload import build_workload  # noqa: E402
 from recbole_speeder.config import Config  # noqa: E402
 from recbole_speeder.model import Speeder  # noqa: E402
@@ -58,16 +58,12 @@ ANSWERING = {
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_path", default="dataset/", help="RecBole data_path holding <dataset>/ (dataset_prep)")
-    parser.add_argument("--dataset", default="Amazon_Beauty", help="dataset name (default Amazon_Beauty)")
-    parser.add_argument(
-        "--train_rows", type=int, default=None, help="training rows per step (default: train_batch_size, 256)"
+    parser = workload_parser(
+        __doc__.split("\n\n")[0],
+        eval_users_default=32,
+        eval_users_help="users per inference batch (default 32: text mode answers ~1/s)",
+        train_rows_help="training rows per step (default: train_batch_size, 256)",
     )
-    parser.add_argument(
-        "--eval_users", type=int, default=32, help="users per inference batch (default 32: text mode answers ~1/s)"
-    )
-    parser.add_argument("--candidates", type=int, default=20, help="candidates per user, true item included")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md", help="file the run is appended to")
     parser.add_argument("--no_write", action="store_true", help="print only; leave BENCHMARKS.md alone")

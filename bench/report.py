@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shlex
@@ -112,6 +113,18 @@ def publish(text: str, output: Path, write: bool) -> None:
     if write:
         append_run(output, text)
         print(f"appended to {output}")
+
+
+def workload_parser(description: str, eval_users_default: int | None, eval_users_help: str,
+                    train_rows_help: str) -> argparse.ArgumentParser:
+    """The arguments every side-by-side bench shares: data, workload sizes, where the run is written."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data_path", default="dataset/", help="RecBole data_path holding <dataset>/ (dataset_prep)")
+    parser.add_argument("--dataset", default="Amazon_Beauty", help="dataset name (default Amazon_Beauty)")
+    parser.add_argument("--train_rows", type=int, default=None, help=train_rows_help)
+    parser.add_argument("--eval_users", type=int, default=eval_users_default, help=eval_users_help)
+    parser.add_argument("--candidates", type=int, default=20, help="candidates per user, true item included")
+    return parser
 
 
 def run_cli(main: Callable[[], None]) -> None:
