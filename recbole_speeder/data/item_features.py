@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from logging import getLogger
 from pathlib import Path
 
@@ -85,39 +86,36 @@ def text_features(config, dataset, texts: list[str]) -> ItemFeatures:
     entry = read_manifest(prepared.parent, name).get("text", {})
     if prepared.is_file() and (explicit or entry.get("encoder") != AUTO_TEXT_ENCODER):
         return load_item_features(prepared, id2token)
-    cache = _cache_dir(config)
-    sha = source_hash(texts)
-    cached = feature_path(cache, name, "text")
-    if cached.is_file() and read_manifest(cache, name).get("text", {}).get("source_sha256") == sha:
-        return load_item_features(cached, id2token)
     from recbole_speeder.data.encoders import encode_texts
 
-    getLogger().info(f"encoding {len(texts)} item texts with all-MiniLM-L6-v2; cached in {cached}")
-    embedding = encode_texts(texts, show_progress=config["show_progress"])
-    tokens = [str(t) for t in id2token[1:]]
-    save_item_features(cache, name, "text", tokens, embedding, encoder=AUTO_TEXT_ENCODER, source_sha256=sha)
-    return load_item_features(cached, id2token)
+    return _cached_text_features(config, dataset, name, source_hash(texts), AUTO_TEXT_ENCODER,
+                                 lambda: encode_texts(texts, show_progress=config["show_progress"]))
 
 
 def _backbone_text_features(config, dataset, texts: list[str]) -> ItemFeatures:
     """Backbone-read text features, cached beside MiniLM's under a name that says which weights read them."""
     from recbole_speeder.data.encoders import encode_texts_with_backbone
 
-    id2token = dataset.field2id_token[dataset.iid_field]
     init = config["backbone_init"]
     weights = f"{config['backbone_path']}|{init}|{config['seed'] if init != 'pretrained' else ''}"
     reader = f"backbone {weights} (all layers, mean-pooled, {config['max_item_text_tokens']} tokens)"
     name = f"{config['dataset']}.backbone-{source_hash([reader])[:12]}"
+    return _cached_text_features(config, dataset, name, source_hash([reader, *texts]), reader,
+                                 lambda: encode_texts_with_backbone(config, texts, device=str(config["device"]),
+                                                                    show_progress=config["show_progress"]))
+
+
+def _cached_text_features(config, dataset, name: str, sha: str, encoder: str,
+                          encode: Callable[[], np.ndarray]) -> ItemFeatures:
+    """The cached ``<name>.text_emb.npz`` when it was built from the same inputs (``sha``), else ``encode()`` saved
+    there first: each encoder reads a dataset's texts once."""
+    id2token = dataset.field2id_token[dataset.iid_field]
     cache = _cache_dir(config)
-    sha = source_hash([reader, *texts])
     cached = feature_path(cache, name, "text")
-    if cached.is_file() and read_manifest(cache, name).get("text", {}).get("source_sha256") == sha:
-        return load_item_features(cached, id2token)
-    getLogger().info(f"encoding {len(texts)} item texts with the {reader}; cached in {cached}")
-    embedding = encode_texts_with_backbone(config, texts, device=str(config["device"]),
-                                           show_progress=config["show_progress"])
-    tokens = [str(t) for t in id2token[1:]]
-    save_item_features(cache, name, "text", tokens, embedding, encoder=reader, source_sha256=sha)
+    if not (cached.is_file() and read_manifest(cache, name).get("text", {}).get("source_sha256") == sha):
+        getLogger().info(f"encoding {len(id2token) - 1} item texts with {encoder}; cached in {cached}")
+        tokens = [str(t) for t in id2token[1:]]
+        save_item_features(cache, name, "text", tokens, encode(), encoder=encoder, source_sha256=sha)
     return load_item_features(cached, id2token)
 
 
