@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
 from recbole.utils import set_color
 
@@ -97,6 +98,27 @@ def seed_eval_candidates(config, *loaders) -> None:
         loader._sampler = sampler
 
 
+def sample_eval_users(config, valid_data, test_data) -> tuple:
+    """With ``eval_users: N``, the valid and test loaders keep the same N users, drawn from a generator seeded by
+    ``seed`` alone: every model and run with that seed evaluates the same users. Call it before
+    :func:`seed_eval_candidates`: a kept user's candidate list is then the one the full run gives it (its draw is
+    seeded by the user, its history read from the whole dataset). For slow answers (text-description prompts) on a
+    budget; the log's protocol line names the sample."""
+    wanted = config["eval_users"]
+    users = test_data._dataset.inter_feat[test_data._dataset.uid_field].unique()
+    if wanted is None or wanted >= len(users):
+        return valid_data, test_data
+    kept = users[torch.randperm(len(users), generator=torch.Generator().manual_seed(config["seed"]))[:wanted]]
+    return _keep_users(valid_data, kept), _keep_users(test_data, kept)
+
+
+def _keep_users(loader, users: torch.Tensor):
+    """The same kind of evaluation loader over the rows of ``users`` only."""
+    dataset = loader._dataset
+    rows = torch.isin(dataset.inter_feat[dataset.uid_field], users)
+    return type(loader)(loader.config, dataset.copy(dataset.inter_feat[rows]), loader._sampler, shuffle=False)
+
+
 def candidate_count(config, phase: str = "test") -> int | None:
     """Candidates per user in ``phase`` (true item + sampled negatives), None for full ranking."""
     args = config[f"{phase}_neg_sample_args"] or {}
@@ -121,6 +143,8 @@ def describe_protocol(config, phase: str = "test", full: bool = False) -> str:
             f"{config['eval_args']['mode'][phase]}: {n} candidates = true item + {n - 1} {args['distribution']} "
             f"negatives ({config['candidate_negatives']}, {seeding} draws, seed {config['seed']})"
         )
+    if config["eval_users"] is not None:
+        candidates += f", {config['eval_users']} users drawn with seed {config['seed']} (eval_users)"
     answer = f"generate, {config['generate_decoder']} decoder" if mode == "generate" else "score"
     if mode == "generate" and config["generate_decoder"] == "free":
         answer += f", {config['generate_validity']} validity"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -265,6 +266,26 @@ def test_exclude_history_draws_follow_recbole_distribution_restricted_to_allowed
     assert distance[mode] < 0.03 and max(distance.values()) > 0.05  # total variation, with 20k draws ~0.01
 
 
+def test_eval_users_keeps_the_same_seeded_users_with_the_lists_the_full_run_gives_them(toy_dict, tmp_path, monkeypatch):
+    """A budget protocol for slow answers: a sample of users, the same for every model, each with its own list."""
+    from recbole_speeder.quick_start import build_data_and_model
+
+    monkeypatch.chdir(tmp_path)
+    loaders = {}
+    for name, overrides in (("all", {}), ("SASRec", {"eval_users": 9}), ("Speeder", {"eval_users": 9}),
+                            ("other seed", {"eval_users": 9, "seed": 7}), ("too many", {"eval_users": 99})):
+        config = Config("Speeder" if name == "Speeder" else "SASRec", DATASET, config_dict={**toy_dict, **overrides})
+        _, (_, valid, test), _ = build_data_and_model(config)
+        loaders[name] = {"valid": loader_lists(valid), "test": loader_lists(test)}
+    full = loaders["all"]
+    assert len(full["test"]) == USERS and loaders["too many"] == full
+    for phase in ("valid", "test"):
+        kept = loaders["SASRec"][phase]
+        assert len(kept) == 9 and set(kept) == set(loaders["Speeder"][phase]) == set(loaders["SASRec"]["test"])
+        assert kept == loaders["Speeder"][phase] == {user: full[phase][user] for user in kept}
+    assert set(loaders["other seed"]["test"]) != set(loaders["SASRec"]["test"])
+
+
 def draw_negatives(sampler, users: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """A DataLoader ``collate_fn``: the users of a batch and their 19 negatives, drawn in a worker process."""
     ids = torch.tensor(users)
@@ -335,6 +356,40 @@ def test_sasrec_uni19_through_the_run_script_equals_recbole_own_run(toy_dict, mo
     assert ours["test_result"]["hit@1"] == theirs["test_result"]["hit@1"]
     assert dict(ours["test_result"]) == dict(theirs["test_result"])
     assert dict(ours["best_valid_result"]) == dict(theirs["best_valid_result"])
+
+
+def test_retest_reproduces_a_runs_test_and_tests_the_checkpoint_under_other_keys(toy_dict, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A RecBole and a Speeder checkpoint tested again: the run's own result, then another decoder and user sample."""
+    from recbole_speeder.experiments.retest import main, retest
+
+    monkeypatch.chdir(tmp_path)
+    saved = {**toy_dict, "checkpoint_dir": str(tmp_path / "saved")}
+    runs = {
+        "SASRec": run_recbole_speeder("SASRec", DATASET, config_dict=saved),
+        "Speeder": run_recbole_speeder("Speeder", DATASET, config_dict={
+            **saved, "predict_mode": "generate", "train_all_positions": False}),
+    }
+    checkpoints = {"SASRec": next((tmp_path / "saved").glob("SASRec-*.pth")),
+                   "Speeder": next((tmp_path / "saved").glob("Speeder-*[0-9].safetensors"))}
+    for name, checkpoint in checkpoints.items():
+        again = retest(str(checkpoint), {})
+        assert again["model"] == name and dict(again["test_result"]) == dict(runs[name]["test_result"])
+        assert again["eval_protocol"] == runs[name]["eval_protocol"]
+
+    out = tmp_path / "free.json"
+    free = main([str(checkpoints["Speeder"]), "--generate_decoder=free", "--eval_users=7", f"--out={out}"])
+    assert "free decoder" in free["eval_protocol"] and "7 users drawn with seed 2020" in free["eval_protocol"]
+    assert free["test_cost"]["generated_tokens"] > 0 and 0 <= free["test_result"]["validratio"] <= 1
+    assert json.loads(out.read_text())["test_result"] == {k: float(v) for k, v in free["test_result"].items()}
+    capsys.readouterr()
+    for flags in (["--eval_users=many"], ["eval_users=7"]):
+        with pytest.raises(SystemExit) as stop:
+            main([str(checkpoints["SASRec"]), *flags])
+        assert stop.value.code == 2
+    assert [line.startswith("error: ") for line in capsys.readouterr().err.splitlines()] == [True, True]
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing.pth")])
 
 
 # ------------------------------------------------------------------------------------------------ generative
