@@ -222,6 +222,7 @@ SCHEMA: dict[str, Key] = {
     "reproducibility": Key(bool),
     "data_path": Key(str),
     "checkpoint_dir": Key(str),
+    "keep_freed_memory": Key(bool),
     "show_progress": Key(bool),
     "epochs": Key(int, minimum=1),
     "train_batch_size": Key(int, minimum=1),
@@ -238,6 +239,7 @@ SCHEMA: dict[str, Key] = {
     "eval_candidates": Key(str, choices=EVAL_CANDIDATES),
     "candidate_negatives": Key(str, choices=CANDIDATE_NEGATIVES),
     "eval_full_beside": Key(bool),
+    "eval_users": Key(int, optional=True, minimum=1),
     # properties/dataset/<Dataset>.yaml: preparing missing Amazon data
     "raw_dir": Key(str, optional=True),
     "offline": Key(bool),

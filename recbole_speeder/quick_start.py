@@ -11,8 +11,14 @@ import torch.distributed as dist
 from recbole.data import data_preparation
 from recbole.utils import get_environment, init_logger, set_color
 
+from recbole_speeder.allocator import keep_freed_memory
 from recbole_speeder.config import Config
-from recbole_speeder.protocol import evaluate_test, seed_eval_candidates, tag_results_with_protocol
+from recbole_speeder.protocol import (
+    evaluate_test,
+    sample_eval_users,
+    seed_eval_candidates,
+    tag_results_with_protocol,
+)
 from recbole_speeder.trainer.rng import seed_run
 from recbole_speeder.utils import create_dataset, get_model, get_trainer
 
@@ -55,6 +61,7 @@ def _run_rank(rank: int, model: str, dataset: str, config_file_list, kwargs: Mut
 
 def start_logging(config) -> None:
     """Seed and open RecBole's log for a run; every result line names its evaluation protocol."""
+    keep_freed_memory(config["keep_freed_memory"])
     seed_run(config["seed"], config["reproducibility"])
     init_logger(config)
     tag_results_with_protocol(config)
@@ -66,8 +73,10 @@ def build_data_and_model(config) -> tuple[object, tuple, torch.nn.Module]:
     logger.info(config)
     data = create_dataset(config)
     logger.info(data)
-    loaders = data_preparation(config, data)
-    seed_eval_candidates(config, loaders[1], loaders[2])
+    train_data, valid_data, test_data = data_preparation(config, data)
+    valid_data, test_data = sample_eval_users(config, valid_data, test_data)
+    seed_eval_candidates(config, valid_data, test_data)
+    loaders = (train_data, valid_data, test_data)
     seed_run(config["seed"] + config["local_rank"], config["reproducibility"])
     recommender = get_model(config["model"])(config, loaders[0]._dataset).to(config["device"])
     logger.info(recommender)
