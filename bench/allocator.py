@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # `python bench/allocator.py` from a checkout: ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.efficiency import check_data, quiet_config  # noqa: E402
-from bench.measure import median  # noqa: E402
+from bench.measure import adam, median, training_step  # noqa: E402
 from bench.report import command_line, machine_line, publish, run_cli, utc_now  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def worker(args: argparse.Namespace) -> None:
     """Time ``args.steps`` training steps of one model under one allocator setting; print one JSON line."""
-    import torch
     from recbole.data import data_preparation
 
     from recbole_speeder.config import Config
@@ -63,16 +62,13 @@ def worker(args: argparse.Namespace) -> None:
         start_logging(config)  # applies keep_freed_memory, as every run does
         train, _, _ = data_preparation(config, create_dataset(config))
         model = get_model(model_name)(config, train._dataset)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        model.train()
+        optimizer = adam(model)
         seconds, kernel = [], []
         for index, batch in enumerate(train):
             if index > args.steps:
                 break
             start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-            optimizer.zero_grad()
-            model.calculate_loss(batch).backward()
-            optimizer.step()
+            training_step(model, optimizer, batch)()
             if index:  # the first step is the warm-up
                 seconds.append(time.perf_counter() - start)
                 kernel.append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - cpu.ru_stime)

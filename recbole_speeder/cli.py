@@ -31,11 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    args, rest = build_parser().parse_known_args(argv)
-    bad = [arg for arg in rest if not (arg.startswith("--") and "=" in arg)]
+def check_overrides(flags: list[str]) -> None:
+    """Arguments left after a command's own flags must be ``--key=value`` config overrides."""
+    bad = [arg for arg in flags if not (arg.startswith("--") and "=" in arg)]
     if bad:
         raise UsageError(f"unrecognised arguments {bad}: config overrides take the form --key=value")
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    args, rest = build_parser().parse_known_args(argv)
+    check_overrides(rest)
     return args, rest
 
 

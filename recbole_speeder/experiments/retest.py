@@ -17,15 +17,14 @@ import sys
 from logging import getLogger
 from pathlib import Path
 
+from recbole_speeder.cli import check_overrides
 from recbole_speeder.config_schema import parse_value
 from recbole_speeder.errors import ArgumentParser, UsageError
 
 
 def parse_overrides(flags: list[str]) -> dict:
     """``--key=value`` flags as a config dict, values read as the run script reads them."""
-    bad = [flag for flag in flags if not (flag.startswith("--") and "=" in flag)]
-    if bad:
-        raise UsageError(f"unrecognised arguments {bad}: config overrides take the form --key=value")
+    check_overrides(flags)
     return {key[2:]: parse_value(value) for key, _, value in (flag.partition("=") for flag in flags)}
 
 

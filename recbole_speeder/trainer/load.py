@@ -9,7 +9,7 @@ import torch
 
 from recbole_speeder.errors import UsageError
 from recbole_speeder.trainer.checkpoint import read_checkpoint
-from recbole_speeder.trainer.mpo import LAUNCH_KEYS
+from recbole_speeder.trainer.mpo import replayable_config
 from recbole_speeder.trainer.weights import load_trainable
 
 
@@ -40,7 +40,7 @@ def load_recbole_model(checkpoint: str | os.PathLike, config_dict: dict | None =
     try:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
         run_config = saved["config"]
-        own = {k: v for k, v in run_config.external_config_dict.items() if k not in LAUNCH_KEYS}
+        own = replayable_config(run_config)
     except (OSError, KeyError, AttributeError, RuntimeError) as err:
         raise UsageError(f"{checkpoint} is not a RecBole checkpoint ({err})") from None
     model_name, dataset_name = run_config["model"], run_config["dataset"]
