@@ -421,6 +421,47 @@ def test_an_invalid_free_answer_counts_as_a_miss(free_speeder, monkeypatch):
     assert result["hr@1"] == pytest.approx(1 / 2, abs=1e-4)
 
 
+def test_item_token_answers_choose_among_every_word_and_item_and_only_a_listed_one_is_valid(toy_dict, monkeypatch):
+    config, model, valid, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False,
+                                    generate_answer="item", generate_decoder="free")
+    answerer = model.generative
+    vocab = model.llm.get_output_embeddings().weight.shape[0]
+    candidates = torch.tensor([[5, 9, 13], [5, 9, 13], [5, 9, 13]])
+    item_seq = torch.randint(1, model.n_items, (3, config["MAX_ITEM_LIST_LENGTH"]))
+    model.eval()
+    with torch.no_grad():  # the extended vocabulary: every word, then items 1..n-1, scored by the score head
+        last = torch.randn(3, model.d_model)
+        logits = answerer._answer_logits(model, last, model.item_tokens())
+        expected = model._user_vectors(last) @ model._item_vectors(model.item_tokens())[1:].T
+    assert logits.shape == (3, vocab + model.n_items - 1)
+    assert torch.allclose(logits[:, vocab:], expected, atol=1e-5)
+
+    designed = torch.zeros(3, vocab + model.n_items - 1)
+    designed[0, vocab + 9 - 1] = 5.0  # item 9, listed second
+    designed[1, 17] = 5.0  # a word
+    designed[2, vocab + 20 - 1] = 5.0  # item 20, not listed
+    monkeypatch.setattr(answerer, "_answer_logits", lambda *_: designed.clone())
+    with torch.no_grad():
+        free = answerer.answer_scores(model, item_seq, torch.full((3,), item_seq.shape[1]), None, candidates)
+        answerer.decoder = "constrained"
+        constrained = answerer.answer_scores(model, item_seq, torch.full((3,), item_seq.shape[1]), None, candidates)
+    assert free[0].argmax() == 1 and free[0, 1] == 1.0 and torch.isinf(free[1:]).all()
+    assert torch.equal(free[0, [0, 2]], constrained[0, [0, 2]])
+    assert torch.isfinite(constrained).all() and constrained[2].unique().numel() == 1  # all three tie below item 20
+
+    answerer.decoder = "free"
+    model.train()
+    monkeypatch.undo()
+    batch = next(iter(valid))[0]
+    loss = model.calculate_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.head[1].weight.grad is not None
+    model.zero_grad()
+    with pytest.raises(UsageError, match="generate_answer: item .* needs item_repr: mrc"):
+        build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False, generate_answer="item",
+              item_repr="text")
+
+
 def test_training_prompts_list_the_true_item_among_seeded_shuffled_negatives(free_speeder):
     config, model, _ = free_speeder
     answerer = model.generative

@@ -3,18 +3,19 @@
 The prompt continues the one Speeder already packs (instruction prefix, history blocks, suffix) with
 ``<generate_candidates_text> [A][item] [B][item] ... <generate_answer_text>``; an item is its MRC soft
 token(s), or its text tokens with ``item_repr: text`` (there the list is LLaRA-style, ``; title ; title``, and
-the answer is a title plus an end token). Training: the true next item and N-1 negatives per row (drawn from a
-generator seeded by ``seed``, positions shuffled), language-model loss on the answer tokens only, plus the
-score-mode loss read at the history's end of the same forward (``generate_score_loss_weight``). With
-``train_all_positions`` a training row is a window of the tiling training set: the score-mode loss trains every
-position of it, as in score mode, and the answer is its last target's (one answer per window instead of one per
-target: the candidate list, ~45 tokens, is what an answer costs).
+the answer is a title plus an end token). With ``generate_answer: item`` the answer is the item's own token of a
+vocabulary extended by the catalogue, its output embedding the item's score-mode vector. Training: the true next
+item and N-1 negatives per row (drawn from a generator seeded by ``seed``, positions shuffled), language-model loss
+on the answer tokens only, plus the score-mode loss read at the history's end of the same forward
+(``generate_score_loss_weight``). With ``train_all_positions`` a training row is a window of the tiling training
+set: the score-mode loss trains every position of it, as in score mode, and the answer is its last target's (one
+answer per window instead of one per target: the candidate list, ~45 tokens, is what an answer costs).
 
-Decoders: ``constrained`` takes the argmax over the N candidates (label-token logits at the answer position; in
-text mode each title's log-likelihood), so every answer is valid; ``free`` greedy-decodes text and parses it
-(``generate_validity``: the answer is a title, or LLaRA's rule, exactly one title occurs in it), and an answer
-that names no candidate is invalid. Only the logits that are needed are computed: label or answer positions,
-never the full vocabulary at every position.
+Decoders: ``constrained`` takes the argmax over the N candidates (label- or item-token logits at the answer
+position; in text mode each title's log-likelihood), so every answer is valid; ``free`` takes the argmax over every
+word and item (item answers), or greedy-decodes text and parses it (``generate_validity``: the answer is a title,
+or LLaRA's rule, exactly one title occurs in it), and an answer that names no candidate is invalid. Only the logits
+that are needed are computed: label or answer positions, never the full vocabulary at every position.
 
 RecBole reaches the model through ``predict`` (one row per (user, candidate): its sampled evaluation repeats a
 user's row once per candidate, all in one batch) and ``full_sort_predict``; both return scores its evaluator
@@ -131,6 +132,7 @@ class GenerativeAnswerer(nn.Module):
     def __init__(self, config, dataset, tokenizer, item_repr: str):
         super().__init__()
         self.decoder = config["generate_decoder"]
+        self.answer = config["generate_answer"]
         self.item_repr = item_repr
         self.n_candidates = int(config["generate_candidates"])
         self.score_loss_weight = float(config["generate_score_loss_weight"])
@@ -178,6 +180,8 @@ class GenerativeAnswerer(nn.Module):
         """What depends on the evaluation lists; each key's own values were checked with the config."""
         if self.validity == "llara" and self.item_repr == "mrc":
             raise UsageError("generate_validity: llara finds candidate titles in the answer: it needs item_repr: text")
+        if self.answer == "item" and self.item_repr != "mrc":
+            raise UsageError("generate_answer: item answers with an MRC item token: it needs item_repr: mrc")
         check_list_batches(config)
         for phase in ("valid", "test"):
             n = candidate_count(config, phase)
@@ -269,7 +273,10 @@ class GenerativeAnswerer(nn.Module):
 
     # ------------------------------------------------------------------ answers
     def _answer_tokens(self, model, items: torch.Tensor, listed_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The answer naming ``items``, as token ids ``[B, T]`` and lengths: its label, or its text + end token."""
+        """The answer naming ``items``, as token ids ``[B, T]`` and lengths: its item token, its label, or its text +
+        end token."""
+        if self.answer == "item":
+            return self._item_token_ids(model, items).unsqueeze(1), torch.ones_like(items)
         if self.item_repr == "mrc":
             return self.label_ids[listed_at].unsqueeze(1), torch.ones_like(items)
         length = model.item_text_len[items]
@@ -285,6 +292,22 @@ class GenerativeAnswerer(nn.Module):
         if bias is not None and token_ids is not None:
             bias = bias[token_ids]
         return F.linear(hidden.to(weight.dtype), weight, bias).float()
+
+    @staticmethod
+    def _item_token_ids(model, items: torch.Tensor) -> torch.Tensor:
+        """Token id of each item in the vocabulary extended by the catalogue (``generate_answer: item``): the
+        text vocabulary's ids first, then one token per real item (1..n-1) in item order."""
+        return model.llm.get_output_embeddings().weight.shape[0] + items - 1
+
+    def _answer_logits(self, model, hidden: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of answer states ``hidden [R, d]``: the text vocabulary's, and with ``generate_answer:
+        item`` every catalogue item's after them, whose output embedding is its score-mode vector read through the
+        score head (``Speeder._user_vectors``), so one softmax chooses between words and items."""
+        logits = self._lm_logits(model, hidden)
+        if self.answer != "item":
+            return logits
+        items = (model._user_vectors(hidden) @ model._item_vectors(item_tokens)[1:].T).float()
+        return torch.cat([logits, items], dim=-1)
 
     # ------------------------------------------------------------------ training
     def _draw_items(self, count: int) -> torch.Tensor:
@@ -329,7 +352,7 @@ class GenerativeAnswerer(nn.Module):
         states = model._hidden_states(prompt.values, prompt.where, prompt.lengths, reads, prompt.items)
         real = steps < answer_len.unsqueeze(1)
         with model._autocast():  # training logits, as score mode's: the full vocabulary at every answer token
-            logits = self._lm_logits(model, states[:, : len(steps)][real])
+            logits = self._answer_logits(model, states[:, : len(steps)][real], item_tokens)
         loss = F.cross_entropy(logits, answer[real])
         if self.score_loss_weight:
             history_states = states[:, len(steps) :]
@@ -448,19 +471,42 @@ class GenerativeAnswerer(nn.Module):
 
     def answer_scores(self, model, item_seq, item_seq_len, timestamps, candidates: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, N]`` of the listed candidates (listing order): see the module docstring."""
-        prompt = self._prompt(model, item_seq, item_seq_len, timestamps, model.item_tokens(), candidates)
-        if self.item_repr == "mrc" and self.decoder == "constrained":
+        item_tokens = model.item_tokens()
+        prompt = self._prompt(model, item_seq, item_seq_len, timestamps, item_tokens, candidates)
+        if self.item_repr == "mrc" and (self.decoder == "constrained" or self.answer == "item"):
             last = model._hidden_states(
                 prompt.values, prompt.where, prompt.lengths, prompt.cue_end.unsqueeze(1), prompt.items
-            )
-            return self._lm_logits(model, last[:, 0], self.label_ids[: candidates.shape[1]]).log_softmax(dim=-1)
+            )[:, 0]
+            if self.answer == "label":
+                return self._lm_logits(model, last, self.label_ids[: candidates.shape[1]]).log_softmax(dim=-1)
+            return self._item_answer_scores(model, last, item_tokens, candidates)
         state = self._prompt_forward(model, prompt.dense(), prompt.items, prompt.lengths)
         first = self._lm_logits(model, state.last).log_softmax(dim=-1)
         if self.decoder == "constrained":
             return self._title_scores(model, state, candidates, first)
         scores = first.gather(1, self._first_answer_ids(model, candidates))
         choice = self._parse(model, self._greedy(model, state, first.argmax(dim=-1)), candidates)
-        rows = torch.arange(len(candidates), device=candidates.device)
+        return self._mark_answers(scores, choice)
+
+    def _item_answer_scores(self, model, last: torch.Tensor, item_tokens: torch.Tensor, candidates: torch.Tensor):
+        """``generate_answer: item``: the candidates' item-token log-probs at the answer position. Constrained: the
+        argmax over them. Free: the argmax over the whole extended vocabulary (every word and every catalogue item)
+        is the answer, valid only when it is a listed candidate's item token."""
+        logprobs = self._answer_logits(model, last, item_tokens).log_softmax(dim=-1)
+        scores = logprobs.gather(1, self._item_token_ids(model, candidates))
+        if self.decoder == "constrained":
+            return scores
+        self.generated_tokens += len(candidates)
+        answer = logprobs.argmax(dim=-1, keepdim=True)
+        named = self._item_token_ids(model, candidates) == answer
+        choice = torch.where(named.any(dim=1), named.long().argmax(dim=1), -1)
+        return self._mark_answers(scores, choice)
+
+    @staticmethod
+    def _mark_answers(scores: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """A free answer's candidate first (score 1, above every log-prob), the rest by ``scores``; a row whose
+        answer names no candidate (``choice`` -1) all ``-inf``: a miss."""
+        rows = torch.arange(len(choice), device=choice.device)
         scores[rows[choice >= 0], choice[choice >= 0]] = 1.0
         scores[choice < 0] = float("-inf")
         return scores
