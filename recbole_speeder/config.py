@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import numpy as np
 import yaml
 from recbole.config import Config as RecBoleConfig
 
@@ -20,6 +22,24 @@ from recbole_speeder.errors import UsageError
 from recbole_speeder.metrics import register_metrics
 from recbole_speeder.resources import properties_dir
 from recbole_speeder.utils import get_model
+
+# Keys that belong to one launch (resuming, distributed ranks, the device), not to what a run computes: replays of a
+# run (checkpoints, retests) and sweeps' trials leave them out.
+LAUNCH_KEYS = ("resume", "local_rank", "world_size", "nproc", "ip", "port", "offset", "gpu_id", "use_gpu")
+
+
+def plain(value: Any) -> Any:
+    """A config value as yaml/json types: dict keys as strings, tuples (hyperopt's choice of a list) as lists, numpy
+    scalars as Python numbers, any other object as its string."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
 
 
 @contextmanager

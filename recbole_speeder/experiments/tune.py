@@ -23,19 +23,16 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from recbole_speeder.config import Config
+from recbole_speeder.config import LAUNCH_KEYS, Config, plain
 from recbole_speeder.errors import UsageError
 from recbole_speeder.experiments.compare import new_run_dir
 from recbole_speeder.experiments.runner import unknown_keys
 from recbole_speeder.experiments.search_space import Param, find_space_file, parse_space
-from recbole_speeder.experiments.values import plain
 from recbole_speeder.utils import create_dataset, ensure_atomic_files
 
 # Config keys holding paths: made absolute for the trials, which Ray runs in other working directories.
 PATH_KEYS = ("data_path", "checkpoint_dir", "text_feature_file", "image_feature_file", "feature_cache_dir",
              "backbone_path")
-# Keys that belong to one launch, not to a sweep.
-LAUNCH_KEYS = ("resume", "local_rank", "world_size", "nproc", "ip", "port", "offset", "gpu_id", "use_gpu")
 SEARCHES = {"ray": ("random", "grid"), "hyperopt": ("grid", "random", "bayes")}
 
 

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
+from recbole_speeder.config import LAUNCH_KEYS, plain
 from recbole_speeder.errors import UsageError
 from recbole_speeder.metrics import rank_invalid_last
 from recbole_speeder.trainer.checkpoint import CheckpointError, pack, read_checkpoint, unpack, write_checkpoint
@@ -56,8 +57,6 @@ from recbole_speeder.trainer.weights import frozen_bytes, load_trainable, traina
 
 BEST_SUFFIX = ".safetensors"
 RESUME_SUFFIX = ".resume.safetensors"
-# config keys that describe one launch, not the run: never replayed when a checkpoint rebuilds its config
-LAUNCH_KEYS = ("resume", "local_rank", "world_size", "nproc", "ip", "port", "offset")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,17 +98,7 @@ def resolve_resume_file(path: str | os.PathLike) -> Path:
 
 def replayable_config(config) -> dict:
     """The user's config values (files, dict, command line) that rebuild this run; JSON-safe."""
-    return _plain({k: v for k, v in config.external_config_dict.items() if k not in LAUNCH_KEYS})
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
+    return plain({k: v for k, v in config.external_config_dict.items() if k not in LAUNCH_KEYS})
 
 
 def _mb(n_bytes: int) -> str:
