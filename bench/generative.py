@@ -5,7 +5,8 @@ object: training (forward + backward + Adam step) of score mode on its tiling wi
 generate`` on its training rows (one answer per row; the plain path without length buckets and with the full last
 layer beside it) or, with ``train_all_positions``, on score mode's windows (tokens per row, rows/s, and the cost of
 one epoch of each: steps per epoch x step time); then generative inference (``predict`` on each user's 20 candidate
-rows, constrained decoder) with MRC items and with ``item_repr: text``, on the same users and candidates. Paired
+rows) with MRC items (label or item-token answers) and with ``item_repr: text`` (constrained, and the free decoder of
+the LLaRA-style baseline), on the same users and candidates. Paired
 rounds, as ``bench/efficiency.py``; results are appended to BENCHMARKS.md.
 
     python bench/generative.py --data_path=dataset/
@@ -49,11 +50,20 @@ TRAINED = {
         {"predict_mode": "generate"},
         "score mode's windows and loss, plus one answer per window, at its last target",
     ),
+    "generate (windows, item answers)": (
+        {"predict_mode": "generate", "generate_answer": "item"},
+        "as above, the answer being the item's own token",
+    ),
 }
 # generative inference, MRC items against text descriptions; the first is the fast side of the ratio
 ANSWERING = {
     "generate": (GENERATE, "MRC items: a label + 1 soft token per candidate"),
+    "generate (item answers)": ({**GENERATE, "generate_answer": "item"}, "MRC items, the answer an item token"),
     "generate (text)": ({**GENERATE, "item_repr": "text"}, "text descriptions, LLaRA-style titles"),
+    "generate (text, free)": (
+        {**GENERATE, "item_repr": "text", "generate_decoder": "free", "generate_validity": "llara"},
+        "text descriptions, greedy titles (untrained: every answer runs to its token cap)",
+    ),
 }
 
 
@@ -160,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Backbone {configs[fast]['backbone_path']} with "
         f"{len(models[fast].llm.get_decoder().layers)} decoder layers, shared by every model; training rows per "
         f"step as the train loader gives them ({rows[reference]}), {len(shared.users)} users x {args.candidates} "
-        f"candidate rows per inference batch (constrained decoder), median of {args.repeats} paired rounds; epoch "
-        f"estimate: training steps per epoch x step time; ratios are medians of per-round ratios.",
+        f"candidate rows per inference batch (constrained decoder unless named), median of {args.repeats} paired "
+        f"rounds; epoch estimate: training steps per epoch x step time; ratios are medians of per-round ratios.",
         "",
         *lines,
     ]) + "\n"
