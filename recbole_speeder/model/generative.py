@@ -493,12 +493,12 @@ class GenerativeAnswerer(nn.Module):
         argmax over them. Free: the argmax over the whole extended vocabulary (every word and every catalogue item)
         is the answer, valid only when it is a listed candidate's item token."""
         logprobs = self._answer_logits(model, last, item_tokens).log_softmax(dim=-1)
-        scores = logprobs.gather(1, self._item_token_ids(model, candidates))
+        listed = self._item_token_ids(model, candidates)
+        scores = logprobs.gather(1, listed)
         if self.decoder == "constrained":
             return scores
         self.generated_tokens += len(candidates)
-        answer = logprobs.argmax(dim=-1, keepdim=True)
-        named = self._item_token_ids(model, candidates) == answer
+        named = listed == logprobs.argmax(dim=-1, keepdim=True)
         choice = torch.where(named.any(dim=1), named.long().argmax(dim=1), -1)
         return self._mark_answers(scores, choice)
 
