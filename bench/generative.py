@@ -5,9 +5,9 @@ object: training (forward + backward + Adam step) of score mode on its tiling wi
 generate`` on its training rows (one answer per row; the plain path without length buckets and with the full last
 layer beside it) or, with ``train_all_positions``, on score mode's windows (tokens per row, rows/s, and the cost of
 one epoch of each: steps per epoch x step time); then generative inference (``predict`` on each user's 20 candidate
-rows) with MRC items (label or item-token answers) and with ``item_repr: text`` (constrained, and the free decoder of
-the LLaRA-style baseline), on the same users and candidates. Paired
-rounds, as ``bench/efficiency.py``; results are appended to BENCHMARKS.md.
+rows) with MRC items (label or item-token answers, the latter also with ``generate_copy: pointer``) and with
+``item_repr: text`` (constrained, and the free decoder of the LLaRA-style baseline), on the same users and
+candidates. Paired rounds, as ``bench/efficiency.py``; results are appended to BENCHMARKS.md.
 
     python bench/generative.py --data_path=dataset/
     python bench/generative.py --data_path=dataset/ --repeats=2 --eval_users=8 --no_write
@@ -54,11 +54,19 @@ TRAINED = {
         {"predict_mode": "generate", "generate_answer": "item"},
         "as above, the answer being the item's own token",
     ),
+    "generate (windows, item answers, pointer)": (
+        {"predict_mode": "generate", "generate_answer": "item", "generate_copy": "pointer"},
+        "as above, plus the pointer's match with the 20 candidates' prompt states",
+    ),
 }
 # generative inference, MRC items against text descriptions; the first is the fast side of the ratio
 ANSWERING = {
     "generate": (GENERATE, "MRC items: a label + 1 soft token per candidate"),
     "generate (item answers)": ({**GENERATE, "generate_answer": "item"}, "MRC items, the answer an item token"),
+    "generate (item answers, pointer)": (
+        {**GENERATE, "generate_answer": "item", "generate_copy": "pointer", "generate_decoder": "free"},
+        "as above, the pointer scoring the listed items, free decoder",
+    ),
     "generate (text)": ({**GENERATE, "item_repr": "text"}, "text descriptions, LLaRA-style titles"),
     "generate (text, free)": (
         {**GENERATE, "item_repr": "text", "generate_decoder": "free", "generate_validity": "llara"},

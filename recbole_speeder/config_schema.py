@@ -40,6 +40,7 @@ PREDICT_MODES = ("score", "generate")
 GENERATE_DECODERS = ("constrained", "free")
 GENERATE_LABELS = ("letters", "numbers")
 GENERATE_ANSWERS = ("label", "item")
+GENERATE_COPIES = ("none", "bias", "pointer")
 GENERATE_SAMPLINGS = ("uniform", "popularity")
 TITLE_SCORES = ("mean", "sum")
 EVAL_CANDIDATES = ("seeded", "recbole")
@@ -301,6 +302,7 @@ SCHEMA: dict[str, Key] = {
     "generate_candidates": Key(int, minimum=2),
     "generate_labels": Key(str, choices=GENERATE_LABELS),
     "generate_answer": Key(str, choices=GENERATE_ANSWERS),
+    "generate_copy": Key(str, choices=GENERATE_COPIES),
     "generate_train_sampling": Key(str, optional=True, choices=GENERATE_SAMPLINGS),
     "generate_candidates_text": Key(str),
     "generate_answer_text": Key(str),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import pickle
 import sys
 from pathlib import Path
@@ -460,6 +461,57 @@ def test_item_token_answers_choose_among_every_word_and_item_and_only_a_listed_o
     with pytest.raises(UsageError, match="generate_answer: item .* needs item_repr: mrc"):
         build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False, generate_answer="item",
               item_repr="text")
+
+
+@pytest.mark.parametrize("kind", ["bias", "pointer"])
+def test_the_copy_score_lifts_only_listed_items_trains_with_the_head_and_makes_free_answers_listed(toy_dict, kind):
+    config, model, valid, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False,
+                                    generate_answer="item", generate_decoder="free", generate_copy=kind)
+    answerer, pointer = model.generative, model.generative.pointer
+    vocab = model.llm.get_output_embeddings().weight.shape[0]
+    candidates = torch.tensor([[5, 9, 13], [2, 9, 4]])
+    listed = torch.zeros(2, vocab + model.n_items - 1, dtype=torch.bool)
+    listed.scatter_(1, vocab + candidates - 1, True)
+    model.eval()
+    last, states = torch.randn(2, model.d_model), torch.randn(2, 3, model.d_model)
+    with torch.no_grad():
+        copied = answerer._answer_logits(model, last, model.item_tokens(), candidates, states)
+        answerer.pointer = None
+        plain = answerer._answer_logits(model, last, model.item_tokens())
+        answerer.pointer = pointer
+    lift = copied - plain
+    assert torch.all(lift[~listed] == 0)
+    assert torch.allclose(lift[listed], torch.tensor(math.log(vocab + model.n_items - 1)))  # the match starts at 0
+    if kind == "pointer":  # a candidate's own prompt state decides its share of the lift
+        torch.nn.init.normal_(pointer.match.weight)
+        with torch.no_grad():
+            lifted = answerer._answer_logits(model, last, model.item_tokens(), candidates, states) - plain
+            states[:, 0] += 1.0
+            moved = (answerer._answer_logits(model, last, model.item_tokens(), candidates, states) - plain)[listed]
+            lifted = lifted[listed]
+        assert lifted.unique().numel() == 6 and not torch.equal(lifted.view(2, 3)[:, 0], moved.view(2, 3)[:, 0])
+        assert torch.equal(lifted.view(2, 3)[:, 1:], moved.view(2, 3)[:, 1:])
+
+    model.train()
+    batch = next(iter(valid))[0]
+    model.calculate_loss(batch).backward()
+    assert pointer.bias.grad is not None and pointer.bias.grad != 0
+    if kind == "pointer":
+        assert pointer.match.weight.grad.abs().sum() > 0
+    assert {id(p) for p in pointer.parameters()} <= {id(p) for p in model.parameter_groups()["head"]}
+    model.zero_grad()
+
+    model.eval()
+    with torch.no_grad():  # a large enough lift: every free answer is a listed item, the constrained decoder's
+        pointer.bias.fill_(1e4)
+        seq = torch.randint(1, model.n_items, (2, config["MAX_ITEM_LIST_LENGTH"]))
+        lengths = torch.full((2,), seq.shape[1])
+        free = answerer.answer_scores(model, seq, lengths, None, candidates)
+        answerer.decoder = "constrained"
+        constrained = answerer.answer_scores(model, seq, lengths, None, candidates)
+    assert torch.isfinite(free).all() and torch.equal(free.argmax(dim=1), constrained.argmax(dim=1))
+    with pytest.raises(UsageError, match="generate_copy: bias .* needs generate_answer: item"):
+        build("Speeder", toy_dict, predict_mode="generate", generate_copy="bias")
 
 
 def test_training_prompts_list_the_true_item_among_seeded_shuffled_negatives(free_speeder):

@@ -4,7 +4,8 @@ The prompt continues the one Speeder already packs (instruction prefix, history 
 ``<generate_candidates_text> [A][item] [B][item] ... <generate_answer_text>``; an item is its MRC soft
 token(s), or its text tokens with ``item_repr: text`` (there the list is LLaRA-style, ``; title ; title``, and
 the answer is a title plus an end token). With ``generate_answer: item`` the answer is the item's own token of a
-vocabulary extended by the catalogue, its output embedding the item's score-mode vector. Training: the true next
+vocabulary extended by the catalogue, its output embedding the item's score-mode vector, and ``generate_copy`` adds
+a pointer's score to the items the prompt lists (``CandidatePointer``). Training: the true next
 item and N-1 negatives per row (drawn from a generator seeded by ``seed``, positions shuffled), language-model loss
 on the answer tokens only, plus the score-mode loss read at the history's end of the same forward
 (``generate_score_loss_weight``). With ``train_all_positions`` a training row is a window of the tiling training
@@ -29,6 +30,7 @@ not valid (``recbole_speeder/metrics.py``).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from logging import getLogger
@@ -106,6 +108,7 @@ class _Prompt:
     item_end: torch.Tensor  # [B, L] slot of each history item's last token, -1 past the history (all positions)
     history_end: torch.Tensor  # [B] slot of the history's last token (score-mode readout of the row's target)
     cue_end: torch.Tensor  # [B] slot of the answer cue's last token: the answer's first token is read there
+    candidate_end: torch.Tensor  # [B, N] slot of each listed candidate's last token (``generate_copy: pointer``)
 
     def dense(self) -> torch.Tensor:
         return dense_batch(self.values, self.where, len(self.lengths), int(self.lengths.max()))
@@ -123,16 +126,50 @@ class _Decoding:
     last: torch.Tensor  # [B, d] hidden state of the prompt's last token
 
 
+class CandidatePointer(nn.Module):
+    """``generate_copy``: a score added to the answer logit of each item the prompt lists, as a pointer-generator
+    network copies from its input. The item logits alone are one dot product with the answer state, which cannot
+    favour N arbitrary items at once, so without it a free answer is the catalogue's top item, rarely a listed one.
+
+    ``bias``: one learned bonus for every listed item. It starts at log(vocabulary + catalogue size), where the N
+    listed items together hold about N/(N+1) of the answer mass, since Adam moves it by about the learning rate
+    per step and a run has only thousands of steps. ``pointer``: plus a bilinear match of the answer state with
+    each candidate's own state in the prompt (its last token, which has read the history and the list before it);
+    the match starts at zero, so training starts from ``bias``. A candidate listed twice gets both slots' scores.
+    """
+
+    def __init__(self, d_model: int, n_answer_tokens: int, kind: str):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor(math.log(n_answer_tokens)))
+        self.match = nn.Linear(d_model, d_model, bias=False) if kind == "pointer" else None
+        if self.match is not None:
+            nn.init.zeros_(self.match.weight)
+
+    @property
+    def reads_candidates(self) -> bool:
+        return self.match is not None
+
+    def forward(self, answer: torch.Tensor, n: int, candidate_states: torch.Tensor | None) -> torch.Tensor:
+        """Scores ``[R, n]`` of answer states ``[R, d]`` for their ``n`` listed candidates (states ``[R, n, d]``)."""
+        scores = self.bias.float().expand(len(answer), n)
+        if self.match is None:
+            return scores
+        query = self.match(answer.float())
+        return scores + (candidate_states.float() @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(query.shape[-1])
+
+
 class GenerativeAnswerer(nn.Module):
     """Builds candidate prompts, trains the answer and decodes it, for the Speeder model passed to each call.
 
-    Holds only token ids (buffers) and the training sampler; the model is an argument, never a submodule.
+    Holds token ids (buffers), the training sampler and the pointer (``generate_copy``, trained with the head); the
+    model is an argument, never a submodule.
     """
 
-    def __init__(self, config, dataset, tokenizer, item_repr: str):
+    def __init__(self, config, dataset, tokenizer, item_repr: str, d_model: int, vocabulary: int):
         super().__init__()
         self.decoder = config["generate_decoder"]
         self.answer = config["generate_answer"]
+        self.copy = config["generate_copy"]
         self.item_repr = item_repr
         self.n_candidates = int(config["generate_candidates"])
         self.score_loss_weight = float(config["generate_score_loss_weight"])
@@ -169,6 +206,9 @@ class GenerativeAnswerer(nn.Module):
             counts = torch.bincount(dataset.inter_feat[dataset.iid_field], minlength=dataset.item_num).double()
             counts[0] = 0
             self.train_weights = counts
+        self.pointer = (
+            CandidatePointer(d_model, vocabulary + dataset.item_num - 1, self.copy) if self.copy != "none" else None
+        )
         self.generated_tokens = 0
         getLogger().info(
             f"generative mode: {self.n_candidates} candidates per training prompt "
@@ -182,6 +222,8 @@ class GenerativeAnswerer(nn.Module):
             raise UsageError("generate_validity: llara finds candidate titles in the answer: it needs item_repr: text")
         if self.answer == "item" and self.item_repr != "mrc":
             raise UsageError("generate_answer: item answers with an MRC item token: it needs item_repr: mrc")
+        if self.copy != "none" and self.answer != "item":
+            raise UsageError(f"generate_copy: {self.copy} scores listed item tokens: it needs generate_answer: item")
         check_list_batches(config)
         for phase in ("valid", "test"):
             n = candidate_count(config, phase)
@@ -212,7 +254,7 @@ class GenerativeAnswerer(nn.Module):
         torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor
     ]:
         """``header, N candidate blocks, cue, answer`` per row: embeddings of its real tokens ``[T, d]``, their
-        ``(row, slot)`` counted from the section's start, the section lengths and the cue's last slot."""
+        ``(row, slot)`` counted from the section's start, the section lengths and each block's last slot."""
         batch, n = candidates.shape
         n_header, n_cue = self.header_ids.numel(), self.cue_ids.numel()
         content = model.content_lengths(candidates, item_tokens, model.served_items)  # as served, in every stage
@@ -246,7 +288,7 @@ class GenerativeAnswerer(nn.Module):
             ids = torch.where(block == n + 2, answer_ids[rows, offset.clamp(max=answer_ids.shape[1] - 1)], ids)
         ids = torch.where(in_candidate & (offset == 0), lead, ids)
         values = model.slot_embeddings(ids, item, in_content, content_offset, item_tokens, model.served_items)
-        return values, (rows, slots), lengths, layout.item_end[:, n + 1]
+        return values, (rows, slots), lengths, layout.item_end
 
     def _prompt(self, model, item_seq, item_seq_len, timestamps, item_tokens, candidates, answer_ids=None,
                 answer_len=None) -> _Prompt:
@@ -255,9 +297,10 @@ class GenerativeAnswerer(nn.Module):
         if answer_ids is None:
             answer_ids = torch.zeros(len(candidates), 0, dtype=torch.long, device=candidates.device)
             answer_len = torch.zeros(len(candidates), dtype=torch.long, device=candidates.device)
-        section, (section_rows, section_slots), section_len, cue_end = self._section(
+        section, (section_rows, section_slots), section_len, block_end = self._section(
             model, candidates, item_tokens, answer_ids, answer_len
         )
+        n = candidates.shape[1]
         history_len = layout.last + 1
         model.prompt_token_stats["tokens"] += int((section_len - answer_len).sum())
         lengths = history_len + section_len
@@ -268,7 +311,8 @@ class GenerativeAnswerer(nn.Module):
             items=slot_items(layout, item_seq_len, int(lengths.max())),
             item_end=item_reads(layout, item_seq_len),
             history_end=layout.last,
-            cue_end=history_len + cue_end,
+            cue_end=history_len + block_end[:, n + 1],
+            candidate_end=history_len.unsqueeze(1) + block_end[:, 1 : n + 1],
         )
 
     # ------------------------------------------------------------------ answers
@@ -299,15 +343,29 @@ class GenerativeAnswerer(nn.Module):
         text vocabulary's ids first, then one token per real item (1..n-1) in item order."""
         return model.llm.get_output_embeddings().weight.shape[0] + items - 1
 
-    def _answer_logits(self, model, hidden: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
+    def _answer_logits(
+        self, model, hidden: torch.Tensor, item_tokens: torch.Tensor, candidates: torch.Tensor | None = None,
+        candidate_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Next-token logits of answer states ``hidden [R, d]``: the text vocabulary's, and with ``generate_answer:
         item`` every catalogue item's after them, whose output embedding is its score-mode vector read through the
-        score head (``Speeder._user_vectors``), so one softmax chooses between words and items."""
+        score head (``Speeder._user_vectors``), so one softmax chooses between words and items; with
+        ``generate_copy``, the items listed (``candidates [R, N]``, their prompt states ``[R, N, d]``) get the
+        pointer's score on top."""
         logits = self._lm_logits(model, hidden)
         if self.answer != "item":
             return logits
         items = (model._user_vectors(hidden) @ model._item_vectors(item_tokens)[1:].T).float()
+        if self.pointer is not None:
+            copy = self.pointer(hidden, candidates.shape[1], candidate_states)
+            items = items.scatter_add(1, candidates - 1, copy)
         return torch.cat([logits, items], dim=-1)
+
+    def _candidate_reads(self, prompt: _Prompt) -> torch.Tensor:
+        """Slots read for the pointer's match: each candidate's last token, or none."""
+        if self.pointer is not None and self.pointer.reads_candidates:
+            return prompt.candidate_end
+        return prompt.candidate_end[:, :0]
 
     # ------------------------------------------------------------------ training
     def _draw_items(self, count: int) -> torch.Tensor:
@@ -346,16 +404,21 @@ class GenerativeAnswerer(nn.Module):
         )
         steps = torch.arange(answer.shape[1], device=answer.device)
         reads = (prompt.cue_end.unsqueeze(1) + steps).minimum((prompt.lengths - 1).unsqueeze(1))
+        listed_reads = self._candidate_reads(prompt)
+        reads = torch.cat([reads, listed_reads], dim=1)  # before the history's reads, whose trailing -1s are skipped
         if self.score_loss_weight:
             history = prompt.item_end if model.train_all_positions else prompt.history_end.unsqueeze(1)
             reads = torch.cat([reads, history], dim=1)
         states = model._hidden_states(prompt.values, prompt.where, prompt.lengths, reads, prompt.items)
         real = steps < answer_len.unsqueeze(1)
+        n_read = len(steps) + listed_reads.shape[1]
         with model._autocast():  # training logits, as score mode's: the full vocabulary at every answer token
-            logits = self._answer_logits(model, states[:, : len(steps)][real], item_tokens)
+            logits = self._answer_logits(  # item answers are one token: the copy's rows are the batch's
+                model, states[:, : len(steps)][real], item_tokens, candidates, states[:, len(steps) : n_read]
+            )
         loss = F.cross_entropy(logits, answer[real])
         if self.score_loss_weight:
-            history_states = states[:, len(steps) :]
+            history_states = states[:, n_read:]
             if not model.train_all_positions:
                 history_states = history_states[:, 0]
             score = model._score_loss(history_states, item_seq, item_seq_len, targets, item_tokens)
@@ -474,12 +537,11 @@ class GenerativeAnswerer(nn.Module):
         item_tokens = model.item_tokens()
         prompt = self._prompt(model, item_seq, item_seq_len, timestamps, item_tokens, candidates)
         if self.item_repr == "mrc" and (self.decoder == "constrained" or self.answer == "item"):
-            last = model._hidden_states(
-                prompt.values, prompt.where, prompt.lengths, prompt.cue_end.unsqueeze(1), prompt.items
-            )[:, 0]
+            reads = torch.cat([prompt.cue_end.unsqueeze(1), self._candidate_reads(prompt)], dim=1)
+            states = model._hidden_states(prompt.values, prompt.where, prompt.lengths, reads, prompt.items)
             if self.answer == "label":
-                return self._lm_logits(model, last, self.label_ids[: candidates.shape[1]]).log_softmax(dim=-1)
-            return self._item_answer_scores(model, last, item_tokens, candidates)
+                return self._lm_logits(model, states[:, 0], self.label_ids[: candidates.shape[1]]).log_softmax(dim=-1)
+            return self._item_answer_scores(model, states[:, 0], item_tokens, candidates, states[:, 1:])
         state = self._prompt_forward(model, prompt.dense(), prompt.items, prompt.lengths)
         first = self._lm_logits(model, state.last).log_softmax(dim=-1)
         if self.decoder == "constrained":
@@ -488,11 +550,12 @@ class GenerativeAnswerer(nn.Module):
         choice = self._parse(model, self._greedy(model, state, first.argmax(dim=-1)), candidates)
         return self._mark_answers(scores, choice)
 
-    def _item_answer_scores(self, model, last: torch.Tensor, item_tokens: torch.Tensor, candidates: torch.Tensor):
+    def _item_answer_scores(self, model, last: torch.Tensor, item_tokens: torch.Tensor, candidates: torch.Tensor,
+                            candidate_states: torch.Tensor):
         """``generate_answer: item``: the candidates' item-token log-probs at the answer position. Constrained: the
         argmax over them. Free: the argmax over the whole extended vocabulary (every word and every catalogue item)
         is the answer, valid only when it is a listed candidate's item token."""
-        logprobs = self._answer_logits(model, last, item_tokens).log_softmax(dim=-1)
+        logprobs = self._answer_logits(model, last, item_tokens, candidates, candidate_states).log_softmax(dim=-1)
         listed = self._item_token_ids(model, candidates)
         scores = logprobs.gather(1, listed)
         if self.decoder == "constrained":

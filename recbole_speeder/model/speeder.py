@@ -154,17 +154,20 @@ class Speeder(SequentialRecommender):
         self.prompt_token_stats = {"samples": 0, "tokens": 0}
         # predict_mode: generate (model/generative.py) lists N candidates in the prompt and decodes an answer
         self.predict_mode = config["predict_mode"]
-        generate = self.predict_mode == "generate"
-        self.generative = GenerativeAnswerer(config, dataset, tokenizer, self.item_repr) if generate else None
+        self.generative = None
+        if self.predict_mode == "generate":
+            vocabulary = self.llm.get_output_embeddings().weight.shape[0]
+            self.generative = GenerativeAnswerer(config, dataset, tokenizer, self.item_repr, self.d_model, vocabulary)
 
     # ------------------------------------------------------------------ parameter groups (MPO) and caches
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parts by name, so MPO stages can switch them: mrc, spae, head, lora."""
+        """Trainable parts by name, so MPO stages can switch them: mrc, spae, head (with the generative pointer),
+        lora."""
         lora = [p for n, p in self.llm.named_parameters() if "lora_" in n]
         return {
             "mrc": list(self.mrc.parameters()),
             "spae": list(self.spae.parameters()),
-            "head": list(self.head.parameters()),
+            "head": [*self.head.parameters(), *(self.generative.parameters() if self.generative else [])],
             "lora": lora,
         }
 
