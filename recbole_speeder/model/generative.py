@@ -132,8 +132,8 @@ class CandidatePointer(nn.Module):
     favour N arbitrary items at once, so without it a free answer is the catalogue's top item, rarely a listed one.
 
     ``bias``: one learned bonus for every listed item. It starts at log(vocabulary + catalogue size), where the N
-    listed items together hold about N/(N+1) of the answer mass, since Adam moves it by about the learning rate
-    per step and a run has only thousands of steps. ``pointer``: plus a bilinear match of the answer state with
+    listed items together hold about N/(N+1) of the answer mass: Adam moves it by about the learning rate per
+    step, and a CPU run has a few hundred steps. ``pointer``: plus a bilinear match of the answer state with
     each candidate's own state in the prompt (its last token, which has read the history and the list before it);
     the match starts at zero, so training starts from ``bias``. A candidate listed twice gets both slots' scores.
     """
