@@ -107,6 +107,8 @@ def sample_eval_users(config, valid_data, test_data) -> tuple:
     wanted = config["eval_users"]
     users = test_data._dataset.inter_feat[test_data._dataset.uid_field].unique()
     if wanted is None or wanted >= len(users):
+        if wanted is not None:
+            logging.getLogger().info(f"eval_users: {wanted} >= the {len(users)} users: every user is evaluated")
         return valid_data, test_data
     kept = users[torch.randperm(len(users), generator=torch.Generator().manual_seed(config["seed"]))[:wanted]]
     return _keep_users(valid_data, kept), _keep_users(test_data, kept)
@@ -144,7 +146,7 @@ def describe_protocol(config, phase: str = "test", full: bool = False) -> str:
             f"negatives ({config['candidate_negatives']}, {seeding} draws, seed {config['seed']})"
         )
     if config["eval_users"] is not None:
-        candidates += f", {config['eval_users']} users drawn with seed {config['seed']} (eval_users)"
+        candidates += f", at most {config['eval_users']} users drawn with seed {config['seed']} (eval_users)"
     answer = f"generate, {config['generate_decoder']} decoder" if mode == "generate" else "score"
     if mode == "generate" and config["generate_decoder"] == "free":
         answer += f", {config['generate_validity']} validity"

@@ -380,7 +380,7 @@ def test_retest_reproduces_a_runs_test_and_tests_the_checkpoint_under_other_keys
 
     out = tmp_path / "free.json"
     free = main([str(checkpoints["Speeder"]), "--generate_decoder=free", "--eval_users=7", f"--out={out}"])
-    assert "free decoder" in free["eval_protocol"] and "7 users drawn with seed 2020" in free["eval_protocol"]
+    assert "free decoder" in free["eval_protocol"] and "at most 7 users drawn with seed 2020" in free["eval_protocol"]
     assert free["test_cost"]["generated_tokens"] > 0 and 0 <= free["test_result"]["validratio"] <= 1
     assert json.loads(out.read_text())["test_result"] == {k: float(v) for k, v in free["test_result"].items()}
     capsys.readouterr()
