@@ -295,6 +295,7 @@ SCHEMA: dict[str, Key] = {
     "warmup_steps": Key(int, minimum=0),
     "checkpoint_every_steps": Key(int, minimum=0),
     "resume": Key(str, optional=True),
+    "init_from": Key(str, optional=True),
     "dist_backend": Key(str, optional=True, choices=DIST_BACKENDS),
     "ddp_find_unused_parameters": Key(bool),
     "predict_mode": Key(str, choices=PREDICT_MODES),

@@ -606,6 +606,49 @@ def test_damaged_or_foreign_checkpoints_are_refused(finished_run, tmp_path):
         SpeederTrainer(config, model).evaluate(test, model_file=str(finished_run["best"]))
 
 
+def test_init_from_starts_a_generative_run_from_a_score_run_and_keeps_the_pointer_at_its_init(
+    finished_run, tmp_path, caplog
+):
+    tensors, _ = read_checkpoint(finished_run["best"])
+    generative = {**finished_run["settings"], "checkpoint_dir": str(tmp_path / "saved"), "mpo_stages": None,
+                  "predict_mode": "generate", "generate_answer": "item", "generate_copy": "bias",
+                  "init_from": str(finished_run["best"])}
+    config, model, train, valid, _ = build(generative)
+    fresh = snapshot(model)
+    with caplog.at_level(logging.INFO):
+        trainer = SpeederTrainer(config, model)
+    started = snapshot(model)
+    names = [name for name, _ in trainable_named_parameters(model)]
+    assert torch.equal(started["generative.pointer.bias"], fresh["generative.pointer.bias"])  # not in the checkpoint
+    assert all(torch.equal(started[n], tensors[f"model.{n}"]) for n in names if n != "generative.pointer.bias")
+    assert len(changed(fresh, started)) > len(names) / 2  # the score run's training, not the fresh init
+    assert "kept at their initialisation: ['generative.pointer.bias']" in caplog.text
+    trainer.fit(train, valid)  # the schedule starts afresh from the copied weights
+    assert changed(started, snapshot(model)) >= {"generative.pointer.bias"}
+    best, _ = read_checkpoint(trainer.saved_model_file)
+    config, model, *_ = load_speeder(trainer.saved_model_file)  # a replay keeps its own weights, not the source's
+    assert config["init_from"] is None
+    SpeederTrainer(config, model)
+    assert all(torch.equal(p, best[f"model.{n}"]) for n, p in trainable_named_parameters(model))
+
+    tensors, state = read_checkpoint(finished_run["best"])
+    write_checkpoint(tmp_path / "other.safetensors", tensors, {**state, "dataset": "ml-100k"})
+    refusals = {
+        str(tmp_path / "other.safetensors"): "written for dataset 'ml-100k'",
+        str(tmp_path / "missing.safetensors"): "does not exist",
+    }
+    for path, message in refusals.items():
+        config, model, _, _, _ = build({**generative, "init_from": path})
+        with pytest.raises(CheckpointError, match=message):
+            SpeederTrainer(config, model)
+    config, model, _, _, _ = build({**generative, "mrc_tokens": 2})
+    with pytest.raises(CheckpointError, match="has shape"):
+        SpeederTrainer(config, model)
+    config, model, _, _, _ = build({**generative, "resume": str(finished_run["resume"])})
+    with pytest.raises(CheckpointError, match="MPO stages"):  # resume wins: its weights and position are the run's
+        SpeederTrainer(config, model)
+
+
 def test_atomic_write_keeps_the_previous_checkpoint_when_the_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "run.safetensors"
     write_checkpoint(path, {"model.w": torch.zeros(3)}, {"kind": "best"})

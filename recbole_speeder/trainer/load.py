@@ -23,8 +23,9 @@ def load_speeder(checkpoint: str | os.PathLike, config_dict: dict | None = None)
     checkpoint's active modalities.
     """
     tensors, state = read_checkpoint(checkpoint)
-    own = state["config"]
-    config, dataset, loaders, model = _rebuild(state["model"], state["dataset"], {**own, **(config_dict or {})})
+    # the checkpoint holds the weights: a warm start's source (init_from) is not read again, nor needed
+    values = {**state["config"], **(config_dict or {}), "init_from": None}
+    config, dataset, loaders, model = _rebuild(state["model"], state["dataset"], values)
     load_trainable(model, tensors, str(checkpoint))
     model.set_modalities(state["modalities"])
     model.eval()

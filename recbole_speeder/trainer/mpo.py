@@ -53,7 +53,13 @@ from recbole_speeder.trainer.sample import UserSample
 from recbole_speeder.trainer.schedule import Best, MPOSchedule
 from recbole_speeder.trainer.schedulers import build_scheduler
 from recbole_speeder.trainer.stages import GROUPS, Stage, parse_stages
-from recbole_speeder.trainer.weights import frozen_bytes, load_trainable, trainable_named_parameters, trainable_tensors
+from recbole_speeder.trainer.weights import (
+    frozen_bytes,
+    load_trainable,
+    trainable_named_parameters,
+    trainable_tensors,
+    warm_start,
+)
 
 BEST_SUFFIX = ".safetensors"
 RESUME_SUFFIX = ".resume.safetensors"
@@ -148,6 +154,10 @@ class SpeederTrainer(Trainer, _DeferredDDP):
         self._epoch_loss = None
         self._sampler_state: torch.Tensor | None = None
         self._resume: dict | None = None
+        if config["init_from"] and config["resume"]:
+            self.logger.info(f"init_from {config['init_from']} is skipped: the resume checkpoint holds the weights")
+        elif config["init_from"]:
+            self.init_from(config["init_from"])
         broadcast_module(model)
         if config["resume"]:
             self.resume_checkpoint(config["resume"])
@@ -445,6 +455,24 @@ class SpeederTrainer(Trainer, _DeferredDDP):
             f"batch {self.batch_index}, step {self.global_step}"
         )
 
+    def _check_written_for_this_run(self, path: str | os.PathLike, state: dict) -> None:
+        for key in ("model", "dataset"):
+            if state.get(key) != self.config[key]:
+                raise CheckpointError(f"{path} was written for {key} '{state.get(key)}', not '{self.config[key]}'")
+
+    def init_from(self, checkpoint: str) -> None:
+        """Start training from another run's weights (``init_from``), those this model shares with it; the
+        schedule, optimizer and early stopping start afresh, unlike ``resume``."""
+        tensors, state = read_checkpoint(checkpoint)
+        self._check_written_for_this_run(checkpoint, state)
+        kept, ignored = warm_start(self.model, tensors, checkpoint)
+        best = state.get("kind") == "best"
+        origin = f"best of stage '{state['stage']}', valid {state['valid_score']}" if best else "a resume checkpoint"
+        self.logger.info(
+            f"init_from {checkpoint} ({origin}): trainable parameters copied; kept at their initialisation: "
+            f"{kept or 'none'}; in the checkpoint, not in this model: {ignored or 'none'}"
+        )
+
     def resume_checkpoint(self, resume_file):
         """Load a resume checkpoint; the next ``fit`` continues from its position."""
         path = resolve_resume_file(resume_file)
@@ -453,9 +481,7 @@ class SpeederTrainer(Trainer, _DeferredDDP):
             raise CheckpointError(f"{path} holds the best weights only; resume from the run's *{RESUME_SUFFIX} file")
         if "stage_best" not in state:
             raise CheckpointError(f"{path} was written before MPO kept the best weights of every stage: start afresh")
-        for key in ("model", "dataset"):
-            if state.get(key) != self.config[key]:
-                raise CheckpointError(f"{path} was written for {key} '{state.get(key)}', not '{self.config[key]}'")
+        self._check_written_for_this_run(path, state)
         position = state["position"]
         saved_names = [s["name"] for s in state["stages"]][: position["stage"] + 1]
         names = [s.name for s in self.stages][: len(saved_names)]
