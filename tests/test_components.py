@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from recbole_speeder.data.dataset import tiling_window_index
+from recbole_speeder.model.backbone import input_token_scale
 from recbole_speeder.model.mrc import MixtureOfModalityExperts
 from recbole_speeder.model.prompt import pack_layout, slot_items
 from recbole_speeder.model.spae import NO_ITEM, SequentialPositionAwareness, time_gap_buckets
@@ -69,6 +70,23 @@ def test_mrc_active_modalities_restrict_the_mixture_and_outputs():
 def test_mrc_refuses_a_modality_without_features():
     with pytest.raises(ValueError, match="no features"):
         MixtureOfModalityExperts({}, n_items=3, d_model=4, modalities=("text", "id"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_soft_tokens_start_at_the_size_of_the_embedded_text_tokens(family):
+    # Gemma multiplies its embedding table by sqrt(hidden) in the layer: the table's own std is 25x too small there
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    embeddings = AutoModelForCausalLM.from_config(config).get_input_embeddings()
+    embedded = embeddings(torch.arange(512)).float()
+    scale = input_token_scale(embeddings)
+    assert scale == pytest.approx(float(embedded.std()), rel=1e-3)
+    mrc = make_mrc(token_scale=scale)
+    tokens = mrc(torch.arange(1, 6))[0]
+    assert float(tokens.std()) == pytest.approx(scale, rel=0.25)
 
 
 def test_time_gap_buckets_follow_the_log2_rule():

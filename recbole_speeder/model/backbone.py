@@ -178,6 +178,13 @@ def load_frozen_lm(config, n_layers: int | None) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
+def input_token_scale(embeddings: nn.Module) -> float:
+    """Standard deviation of the token embeddings the decoder reads: the table's, times the factor some models
+    (Gemma: sqrt(hidden size)) multiply into their embedding layer's output. MRC's soft tokens start at this size,
+    the size of the text tokens beside them in the prompt."""
+    return float(embeddings.weight.float().std()) * float(getattr(embeddings, "embed_scale", 1.0))
+
+
 def load_backbone(config) -> tuple[nn.Module, object]:
     """Build the causal LM named by the config: frozen, truncated and LoRA-wrapped as asked."""
     model, tokenizer = load_frozen_lm(config, int(config["backbone_layers"] or 0) or None)

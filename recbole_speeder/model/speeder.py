@@ -27,7 +27,13 @@ from transformers import DynamicCache
 
 from recbole_speeder.data.item_features import build_item_features, item_texts
 from recbole_speeder.errors import UsageError
-from recbole_speeder.model.backbone import decode_at, load_backbone, reads_only_supported, store_frozen_linears_in
+from recbole_speeder.model.backbone import (
+    decode_at,
+    input_token_scale,
+    load_backbone,
+    reads_only_supported,
+    store_frozen_linears_in,
+)
 from recbole_speeder.model.generative import GenerativeAnswerer, distinct_histories
 from recbole_speeder.model.mrc import MixtureOfModalityExperts
 from recbole_speeder.model.prompt import (
@@ -106,7 +112,7 @@ class Speeder(SequentialRecommender):
             expert_hidden=config["expert_hidden"],
             router=config["router"],
             modalities=tuple(config["modalities"]),
-            token_scale=float(embeddings.weight.float().std()),
+            token_scale=input_token_scale(embeddings),
             dropout=config["mrc_dropout"],
             id_dim=config["id_embedding_dim"],
         )
