@@ -59,7 +59,7 @@ def _match(
     shape, or refused), and the names of the missing and the unexpected ones."""
     wanted = dict(trainable_named_parameters(model))
     stored = {name[len(PREFIX):]: t for name, t in tensors.items() if name.startswith(PREFIX)}
-    for name in wanted.keys() & stored.keys():
+    for name in (n for n in wanted if n in stored):
         if stored[name].shape != wanted[name].shape:
             raise CheckpointError(
                 f"checkpoint {source} does not fit this model: '{name}' has shape {tuple(stored[name].shape)}, "
