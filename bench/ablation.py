@@ -38,6 +38,7 @@ VARIANTS = {
     "default": ({}, "the shipped defaults"),
     "no_buckets": ({"length_bucket_tokens": 0}, "whole batch padded to its longest prompt"),
     "float32": ({"autocast_dtype": "float32"}, "no bf16 autocast"),
+    "bfloat16": ({"autocast_dtype": "bfloat16"}, "bf16 autocast even where the CPU has no native bf16"),
     "recast_weights": ({"autocast_frozen_weights": False}, "frozen weights recast by autocast at every call"),
     "no_prefix_cache": ({"prefix_cache": False}, "instruction prefix recomputed for every row"),
     "no_inference_mode": ({"inference_mode": False}, "scoring under RecBole's torch.no_grad only"),

@@ -5,6 +5,7 @@ backbone on ml-100k)."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -347,11 +348,15 @@ def test_mrc_skipping_dead_experts_equals_the_full_mixture():
             assert torch.allclose(mrc(ids)[0], reference(), atol=1e-6), active
 
 
-def test_autocast_dtype_resolves_auto_by_hardware():
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_dtype_resolves_auto_by_hardware_and_warns_when_the_cpu_lacks_bf16(native, monkeypatch, caplog):
     from recbole_speeder.model.speeder import autocast_dtype
 
     cpu = torch.device("cpu")
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert ("no native bf16" in caplog.text) is not native
     assert autocast_dtype("float32", cpu) is None
     assert autocast_dtype("bfloat16", cpu) == torch.bfloat16 and autocast_dtype("float16", cpu) == torch.float16

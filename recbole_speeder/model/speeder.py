@@ -48,6 +48,11 @@ from recbole_speeder.model.prompt import (
 )
 from recbole_speeder.model.spae import NO_ITEM, SequentialPositionAwareness
 
+NO_NATIVE_BF16 = (
+    "autocast_dtype auto: this CPU has no native bf16 (AVX512-BF16 or AMX), so Speeder computes in float32; the CPU "
+    "timings in README.md and BENCHMARKS.md were measured with native bf16: expect epochs several times longer here"
+)
+
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype that ``autocast_dtype: name`` means on ``device``; None is full float32.
@@ -63,6 +68,8 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
         else:
             cpu = torch.cpu
             native = device.type == "cpu" and (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+            if not native:
+                getLogger().warning(NO_NATIVE_BF16)
         return torch.bfloat16 if native else None
     return getattr(torch, name)  # bfloat16 or float16 (config_schema.AUTOCAST_DTYPES)
 
