@@ -50,7 +50,7 @@ from recbole_speeder.model.spae import NO_ITEM, SequentialPositionAwareness
 
 NO_NATIVE_BF16 = (
     "autocast_dtype auto: this CPU has no native bf16 (AVX512-BF16 or AMX), so Speeder computes in float32; the CPU "
-    "timings in README.md and BENCHMARKS.md were measured with native bf16: expect epochs several times longer here"
+    "timings in README.md and BENCHMARKS.md were measured with native bf16: expect epochs about 3x longer here"
 )
 
 
