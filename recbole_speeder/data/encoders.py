@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from recbole_speeder.errors import UsageError
+from recbole_speeder.resources import installed_package_dir
 
 if TYPE_CHECKING:
     import torch
@@ -36,10 +37,10 @@ class EncoderUnavailableError(UsageError):
 
 
 def _package_dir(module: str, pip_name: str, purpose: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    folder = installed_package_dir(module)
+    if folder is None:
         raise EncoderUnavailableError(f"{purpose} need the package {pip_name}: pip install {pip_name}")
-    return Path(next(iter(spec.submodule_search_locations)))
+    return folder
 
 
 @functools.lru_cache(maxsize=2)

