@@ -54,9 +54,10 @@ def _gemma3_gguf() -> Path | None:
     # (Ray Tune trials, --compare jobs) never read a half-written copy.
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
-        if not target.exists():
-            os.replace(gemma.assemble(partial), target)
-        return gemma.assemble()  # checks the cached file's sha256 (~1 s) and returns it
+        if target.exists():
+            return gemma.assemble()  # checks the cached file's sha256 (~1 s) and returns it
+        os.replace(gemma.assemble(partial), target)  # assemble has hashed what it wrote: no second check
+        return target
     except (OSError, ValueError) as err:
         raise UsageError(f"the offline Gemma-3-270M copy could not be assembled ({err}); delete {target} and run "
                          "again") from None
