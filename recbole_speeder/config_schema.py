@@ -312,6 +312,8 @@ SCHEMA: dict[str, Key] = {
     "generate_title_score": Key(str, choices=TITLE_SCORES),
     "generate_validity": Key(str, choices=GENERATE_VALIDITY),
     "generate_score_loss_weight": Key(float, minimum=0),
+    "align_loss_weight": Key(float, minimum=0),
+    "align_items_per_step": Key(int, minimum=1),
 }
 
 

@@ -332,3 +332,42 @@ def test_backbone_text_encoder_reads_items_with_the_llm_once_per_weights(tiny_co
     assert len(calls) == 2  # other weights, other features
     files = sorted(p.name for p in (tmp_path / "cache").rglob("*.text_emb.npz"))
     assert len(files) == 2 and all(".backbone-" in f for f in files)
+
+
+def test_alignment_targets_are_the_base_backbones_reading_of_each_item_text(tiny_config):
+    model, train, _ = build(tiny_config(align_loss_weight=1.0, autocast_dtype="float32"))
+    with torch.no_grad():  # a trained LoRA must not move the targets: they are read with the adapters off
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    model.train()
+    model.calculate_loss(first_batch(train)).backward()
+    alignment = model.alignment
+    assert alignment.targets.shape == (model.n_items, model.d_model)
+    embed = model.llm.get_input_embeddings()
+    for item in (1, model.n_items // 2, model.n_items - 1):
+        text = model.item_text_ids[item, : model.item_text_len[item]]
+        with torch.no_grad(), model.llm.disable_adapter():
+            model.llm.eval()
+            prompt = embed(torch.cat([model.prefix_ids, text])).unsqueeze(0)
+            state = model.llm.get_decoder()(inputs_embeds=prompt).last_hidden_state[0, -1]
+        assert torch.allclose(alignment.targets[item] + alignment.target_mean, state, atol=1e-4), item
+
+
+def test_alignment_loss_pulls_soft_tokens_towards_the_text_states(tiny_config):
+    model, train, _ = build(tiny_config(align_loss_weight=1.0, align_items_per_step=64, mrc_dropout=0.0))
+    batch = first_batch(train)
+    item_seq, targets = batch[model.ITEM_SEQ], batch[model.POS_ITEM_ID]
+    optimizer = torch.optim.Adam(model.mrc.parameters(), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = model.alignment.loss(model, item_seq, targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert build(tiny_config())[0].alignment is None  # off by default: align_loss_weight 0
+    with pytest.raises(UsageError, match="item_repr: mrc"):
+        build(tiny_config(align_loss_weight=1.0, item_repr="text"))

