@@ -499,7 +499,9 @@ class Speeder(SequentialRecommender):
         return interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], timestamps
 
     # ------------------------------------------------------------------ RecBole API
-    def calculate_loss(self, interaction) -> torch.Tensor:
+    def calculate_loss(self, interaction) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The next-item loss; with ``align_loss_weight``, the pair (it, alignment loss), which RecBole's loop sums
+        and logs apart (train_loss1, train_loss2)."""
         item_seq, item_seq_len, timestamps = self._inputs(interaction)
         if self.generative is not None:
             loss = self.generative.loss(self, interaction)
@@ -508,7 +510,7 @@ class Speeder(SequentialRecommender):
             states = self._states(item_seq, item_seq_len, timestamps, item_tokens, self.train_all_positions)
             loss = self._score_loss(states, item_seq, item_seq_len, interaction[self.POS_ITEM_ID], item_tokens)
         if self.alignment is not None:
-            loss = loss + self.alignment.loss(self, item_seq, interaction[self.POS_ITEM_ID])
+            return loss, self.alignment.loss(self, item_seq, interaction[self.POS_ITEM_ID])
         return loss
 
     def _score_loss(self, states, item_seq, item_seq_len, targets, item_tokens) -> torch.Tensor:
