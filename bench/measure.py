@@ -26,7 +26,8 @@ def training_step(model, optimizer: torch.optim.Optimizer, batch) -> Callable[[]
     def step() -> None:
         model.train()
         optimizer.zero_grad()
-        model.calculate_loss(batch).backward()
+        loss = model.calculate_loss(batch)
+        (sum(loss) if isinstance(loss, tuple) else loss).backward()  # RecBole sums a tuple of loss parts
         optimizer.step()
 
     return step
