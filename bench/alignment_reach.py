@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # `python bench/alignment_reach.py` from a checko
 import torch  # noqa: E402
 from recbole.data import data_preparation  # noqa: E402
 
-from bench.efficiency import check_data, quiet_config  # noqa: E402
+from bench.efficiency import check_data, quiet_config, shared_backbone  # noqa: E402
 from bench.report import command_line, machine_line, publish, run_cli, utc_now  # noqa: E402
 from recbole_speeder.config import Config  # noqa: E402
 from recbole_speeder.model import Speeder  # noqa: E402
@@ -77,14 +77,16 @@ def reach(model: Speeder, route: str, args: argparse.Namespace) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     check_data(args.data_path, args.dataset)
-    rows, targets = [], None
+    shared_backbone()  # the routes train only MRC or free tokens: one backbone serves them all
+    rows, targets, train = [], None, None
     with tempfile.TemporaryDirectory() as workdir:
         base = {**quiet_config(args.data_path, workdir), "align_loss_weight": 1.0,
                 "backbone_init": args.backbone_init, "align_items_per_step": args.items}
         for route, modalities in ROUTES.items():
             config = Config("Speeder", args.dataset, config_dict={**base, "modalities": modalities})
             seed_run(config["seed"], config["reproducibility"])
-            train, _, _ = data_preparation(config, create_dataset(config))
+            if train is None:  # the routes differ in the model only: one split serves them all
+                train, _, _ = data_preparation(config, create_dataset(config))
             model = Speeder(config, train._dataset)
             if targets is None:
                 print("reading the alignment targets once ...", flush=True)

@@ -46,10 +46,10 @@ class TextAlignment(nn.Module):
         self.register_buffer("targets", None, persistent=False)
         self.register_buffer("target_mean", None, persistent=False)
 
-    def loss(self, model: Speeder, item_seq: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, model: Speeder, item_seq: torch.Tensor, next_items: torch.Tensor) -> torch.Tensor:
         if self.targets is None:
             self._read_targets(model)
-        items = torch.cat([item_seq.flatten(), targets]).unique()
+        items = torch.cat([item_seq.flatten(), next_items]).unique()
         items = items[items > 0]
         items = items[torch.randperm(len(items), device=items.device)[: self.items_per_step]]
         with model._autocast():
