@@ -67,7 +67,7 @@ def reach(model: Speeder, route: str, args: argparse.Namespace) -> list[float]:
         items = torch.randperm(n_items - 1)[: args.items] + 1
         loss = alignment.loss(model, items.unsqueeze(0), items[:1])
         if step % args.every == 0:
-            cosines.append(1 - loss.item() / alignment.weight)
+            cosines.append(1 - loss.item())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -192,8 +192,12 @@ def cli_type(key: Key) -> Callable[[str], Any]:
 def _stages_rule(value: Any, config: Mapping[str, Any]) -> None:
     from recbole_speeder.trainer.stages import parse_stages  # the stage grammar lives with the trainer
 
-    parse_stages(value, epochs=config["epochs"], learning_rate=config["learning_rate"],
-                 modalities=config["modalities"], warn=False)
+    stages = parse_stages(value, epochs=config["epochs"], learning_rate=config["learning_rate"],
+                          modalities=config["modalities"], warn=False)
+    aligning = [stage.name for stage in stages if stage.loss == "align"]
+    if aligning and config["item_repr"] != "mrc":
+        raise UsageError(f"mpo_stages: stage(s) {aligning} train on the alignment of MRC soft tokens (loss: align); "
+                         f"they need item_repr: mrc, got {config['item_repr']!r}")
 
 
 def _suffix_rule(value: str, config: Mapping[str, Any]) -> None:
@@ -290,7 +294,7 @@ SCHEMA: dict[str, Key] = {
     "head_dropout": Key(float, minimum=0, below=1),
     "train_all_positions": Key(bool),
     "mpo_stages": Key((list, str), optional=True, item=dict, rule=_stages_rule,
-                      phrase="a list of stage dicts or a name:modalities:train:epochs:lr:items:users,... string"),
+                      phrase="a list of stage dicts or a name:modalities:train:epochs:lr:items:users:loss,... string"),
     "lr_scheduler": Key(str, choices=LR_SCHEDULERS),
     "warmup_steps": Key(int, minimum=0),
     "checkpoint_every_steps": Key(int, minimum=0),

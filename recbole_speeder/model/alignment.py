@@ -31,16 +31,15 @@ def adapters_off(llm: nn.Module) -> AbstractContextManager:
 
 
 class TextAlignment(nn.Module):
-    """``weight`` x (1 - cosine) between the backbone's state after an item's soft tokens and after its text.
+    """1 - cosine between the backbone's state after an item's soft tokens and after its text.
 
     Both states are centred on the mean text state first: a decoder's states share a few large dimensions, which
     would make any two of them look alike. Each step aligns at most ``items_per_step`` of the batch's items (its
     histories and targets), drawn at random, so the cost stays a small fraction of the step's.
     """
 
-    def __init__(self, weight: float, items_per_step: int):
+    def __init__(self, items_per_step: int):
         super().__init__()
-        self.weight = weight
         self.items_per_step = items_per_step
         # [n_items, d] text states less their mean (row 0, the padding item, unused); read at the first loss
         self.register_buffer("targets", None, persistent=False)
@@ -57,7 +56,7 @@ class TextAlignment(nn.Module):
         reads = soft.new_full((len(items), 1), soft.shape[1] - 1, dtype=torch.long)
         states = model._run_backbone(soft, None, reads)[:, 0]
         cosine = F.cosine_similarity(states - self.target_mean, self.targets[items], dim=-1)
-        return self.weight * (1 - cosine).mean()
+        return (1 - cosine).mean()
 
     @torch.no_grad()
     def _read_targets(self, model: Speeder) -> None:

@@ -11,6 +11,8 @@ the slow "MLLM with text descriptions" baseline, same model otherwise.
 An MPO stage may give history items another way while it trains (``set_stage_items``: ``text``, or
 ``text+tokens``, each item's text followed by its soft tokens): a curriculum from words to soft tokens.
 Evaluation always reads them as ``item_repr`` serves them, so every stage is scored as the model will be served.
+A stage may also train on the alignment loss alone (``set_stage_loss``: ``align``, model/alignment.py): a warm-up
+that teaches MRC to write tokens the LLM reads as the items' words before any ranking is learned.
 """
 
 from __future__ import annotations
@@ -173,12 +175,14 @@ class Speeder(SequentialRecommender):
         if self.predict_mode == "generate":
             vocabulary = self.llm.get_output_embeddings().weight.shape[0]
             self.generative = GenerativeAnswerer(config, dataset, tokenizer, self.item_repr, self.d_model, vocabulary)
-        # align_loss_weight (model/alignment.py): soft tokens pulled towards the backbone's reading of the item text
-        self.alignment = None
-        if config["align_loss_weight"]:
-            if self.item_repr != "mrc":
-                raise UsageError("align_loss_weight aligns MRC soft tokens: it needs item_repr: mrc")
-            self.alignment = TextAlignment(float(config["align_loss_weight"]), int(config["align_items_per_step"]))
+        # align_loss_weight (model/alignment.py): soft tokens pulled towards the backbone's reading of the item text,
+        # beside the ranking loss; an MPO stage with loss: align trains on the alignment alone
+        self.align_loss_weight = float(config["align_loss_weight"])
+        self.align_items_per_step = int(config["align_items_per_step"])
+        self.alignment: TextAlignment | None = None
+        self.stage_loss = "rank"
+        if self.align_loss_weight:
+            self._build_alignment("align_loss_weight")
 
     # ------------------------------------------------------------------ parameter groups (MPO) and caches
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -203,6 +207,19 @@ class Speeder(SequentialRecommender):
         self.stage_items = items or self.served_items
         if "text" in self.stage_items:
             self._build_item_text()
+
+    def set_stage_loss(self, loss: str) -> None:
+        """What training minimises (an MPO stage's ``loss``): rank (the next-item loss, plus the weighted alignment
+        loss when ``align_loss_weight`` > 0) or align (the alignment loss alone)."""
+        if loss == "align":
+            self._build_alignment("an MPO stage with loss: align")
+        self.stage_loss = loss
+
+    def _build_alignment(self, wanted_by: str) -> None:
+        if self.item_repr != "mrc":
+            raise UsageError(f"{wanted_by} aligns MRC soft tokens: it needs item_repr: mrc")
+        if self.alignment is None:
+            self.alignment = TextAlignment(self.align_items_per_step)
 
     @property
     def history_items(self) -> str:
@@ -500,17 +517,19 @@ class Speeder(SequentialRecommender):
 
     # ------------------------------------------------------------------ RecBole API
     def calculate_loss(self, interaction) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The next-item loss; with ``align_loss_weight``, the pair (it, alignment loss), which RecBole's loop sums
-        and logs apart (train_loss1, train_loss2)."""
+        """The next-item loss; with ``align_loss_weight``, the pair (it, weighted alignment loss), which RecBole's
+        loop sums and logs apart (train_loss1, train_loss2); in an alignment stage, the alignment loss alone."""
         item_seq, item_seq_len, timestamps = self._inputs(interaction)
+        if self.stage_loss == "align":
+            return self.alignment.loss(self, item_seq, interaction[self.POS_ITEM_ID])
         if self.generative is not None:
             loss = self.generative.loss(self, interaction)
         else:
             item_tokens = self.item_tokens()
             states = self._states(item_seq, item_seq_len, timestamps, item_tokens, self.train_all_positions)
             loss = self._score_loss(states, item_seq, item_seq_len, interaction[self.POS_ITEM_ID], item_tokens)
-        if self.alignment is not None:
-            return loss, self.alignment.loss(self, item_seq, interaction[self.POS_ITEM_ID])
+        if self.align_loss_weight:
+            return loss, self.align_loss_weight * self.alignment.loss(self, item_seq, interaction[self.POS_ITEM_ID])
         return loss
 
     def _score_loss(self, states, item_seq, item_seq_len, targets, item_tokens) -> torch.Tensor:

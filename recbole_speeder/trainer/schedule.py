@@ -67,15 +67,17 @@ class MPOSchedule:
                 f"{stage.epochs} epochs, lr {stage.learning_rate:g}"
                 + (f", items as {stage.items}" if stage.items else "")
                 + (f", on {stage.users:.0%} of the users" if stage.users < 1 else "")
+                + (", alignment loss only" if stage.loss == "align" else "")
             )
         return "\n".join(lines)
 
     def enter(self, model: nn.Module, index: int) -> list[nn.Parameter]:
-        """Switch the model to stage ``index``: its active modalities and item input, and only its groups train.
-        Returns the parameters that train, in ``model.parameters()`` order."""
+        """Switch the model to stage ``index``: its active modalities, item input and loss, and only its groups
+        train. Returns the parameters that train, in ``model.parameters()`` order."""
         stage = self.stages[index]
         model.set_modalities(list(stage.modalities))
         model.set_stage_items(stage.items)
+        model.set_stage_loss(stage.loss)
         train_ids = {id(p) for group in stage.train for p in self.groups[group]}
         for _, param in trainable_named_parameters(model):
             param.requires_grad_(id(param) in train_ids)

@@ -1,9 +1,9 @@
-"""MPO stage specs: which modalities are active, which parameter groups train, how history items enter the prompt
-and on how many users, stage by stage.
+"""MPO stage specs: which modalities are active, which parameter groups train, how history items enter the prompt,
+on how many users and on which loss, stage by stage.
 
 ``mpo_stages`` is a list of dicts (yaml, or a python literal on the command line) or a compact string
-``name:modalities:train:epochs:learning_rate:items:users`` per stage, stages separated by ``,`` and list items by
-``+``, e.g. ``words:text:all:1::text+tokens:0.1,full:all:all:10:5e-4``. Trailing or empty fields take their
+``name:modalities:train:epochs:learning_rate:items:users:loss`` per stage, stages separated by ``,`` and list items
+by ``+``, e.g. ``words:text:all:1::text+tokens:0.1,full:all:all:10:5e-4``. Trailing or empty fields take their
 defaults. ``~`` means one stage of ``epochs`` that trains every group with every modality: RecBole's plain loop.
 """
 
@@ -17,7 +17,9 @@ from recbole_speeder.config_schema import ITEM_INPUTS, MODALITIES
 from recbole_speeder.errors import UsageError
 
 GROUPS = ("mrc", "spae", "head", "lora")
-STAGE_KEYS = ("name", "modalities", "train", "epochs", "learning_rate", "items", "users")
+STAGE_KEYS = ("name", "modalities", "train", "epochs", "learning_rate", "items", "users", "loss")
+# rank: the next-item loss (plus the alignment loss when align_loss_weight > 0); align: the alignment loss alone
+STAGE_LOSSES = ("rank", "align")
 ALL = "all"
 
 
@@ -30,6 +32,7 @@ class Stage:
     learning_rate: float
     items: str | None = None  # how history items enter training prompts (ITEM_INPUTS); None: as the model serves
     users: float = 1.0  # the fraction of training users (all their rows) the stage trains on, drawn with the seed
+    loss: str = "rank"  # what the stage minimises (STAGE_LOSSES)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "modalities": list(self.modalities), "train": list(self.train)}
@@ -45,7 +48,7 @@ def _split_list(text: str) -> list[str] | None:
 
 
 def parse_compact(text: str) -> list[dict]:
-    """``name:modalities:train:epochs:lr:items:users`` stages separated by ``,``; list items joined by ``+``."""
+    """``name:modalities:train:epochs:lr:items:users:loss`` stages separated by ``,``; list items joined by ``+``."""
     stages = []
     for index, chunk in enumerate(part for part in text.split(",") if part.strip()):
         fields = [f.strip() for f in chunk.split(":")]
@@ -142,7 +145,10 @@ def parse_stages(
         users = item.get("users", 1.0)
         if isinstance(users, bool) or not isinstance(users, int | float) or not 0 < users <= 1:
             raise UsageError(f"mpo_stages stage '{name}': users must be a fraction > 0 and <= 1, not {users!r}")
-        stages.append(Stage(name, active, train, stage_epochs, float(lr), items, float(users)))
+        loss = item.get("loss", "rank")
+        if loss not in STAGE_LOSSES:
+            raise UsageError(f"mpo_stages stage '{name}': loss must be one of {', '.join(STAGE_LOSSES)}, not {loss!r}")
+        stages.append(Stage(name, active, train, stage_epochs, float(lr), items, float(users), loss))
     names = [stage.name for stage in stages]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
