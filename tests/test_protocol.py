@@ -393,6 +393,48 @@ def test_retest_reproduces_a_runs_test_and_tests_the_checkpoint_under_other_keys
         main([str(tmp_path / "missing.pth")])
 
 
+def test_slices_split_the_full_ranking_test_by_target_popularity_and_pair_each_run_with_the_first(
+        toy_root, toy_dict, tmp_path, monkeypatch, capsys):
+    """Two runs' test users by slice: RecBole's own full-ranking numbers over all users, slices that partition them
+    by the target's training count (every interaction but the valid and test targets) and paired differences."""
+    from recbole_speeder.experiments.slices import POPULARITY_EDGES, bucket_labels, main
+
+    monkeypatch.chdir(tmp_path)
+    saved = {**toy_dict, "checkpoint_dir": str(tmp_path / "saved"), "eval_full_beside": True}
+    runs = {"sasrec": run_recbole_speeder("SASRec", DATASET, config_dict=saved),
+            "speeder": run_recbole_speeder("Speeder", DATASET, config_dict=saved)}
+    checkpoints = [f"sasrec={next((tmp_path / 'saved').glob('SASRec-*.pth'))}",
+                   f"speeder={next((tmp_path / 'saved').glob('Speeder-*[0-9].safetensors'))}"]
+    out = tmp_path / "slices.json"
+    report = main([*checkpoints, f"--out={out}"])
+    assert json.loads(out.read_text()) == report
+    for name, run in runs.items():  # the ranks reproduce the run's full-ranking test
+        assert report["recbole_results"][name]["ndcg@10"] == pytest.approx(run["test_result_full"]["ndcg@10"])
+
+    # independently: each user's last interaction is the test target, the one before the valid target
+    rows = [line.split("\t") for line in (toy_root / DATASET / f"{DATASET}.inter").read_text().splitlines()[1:]]
+    by_user: dict[str, list] = {}
+    for user, item, stamp in rows:
+        by_user.setdefault(user, []).append((float(stamp), item))
+    histories = [[item for _, item in sorted(events)] for events in by_user.values()]
+    trained = [item for items in histories for item in items[:-2]]
+    counts = np.array([trained.count(items[-1]) for items in histories])
+    expected = dict(zip(*np.unique(bucket_labels(counts, POPULARITY_EDGES), return_counts=True), strict=True))
+    table = [line.split(" | ") for line in report["by_target_popularity"][2:]]
+    got = {cells[0].lstrip("| "): int(cells[1]) for cells in table}
+    assert got.pop("all") == USERS and got == expected
+    all_row = table[-1]
+    sasrec, speeder = float(all_row[2]), float(all_row[3].split(" (")[0])
+    difference = float(all_row[3].split("(")[1].split(" ± ")[0])
+    assert sasrec == pytest.approx(runs["sasrec"]["test_result_full"]["ndcg@10"], abs=1e-4)
+    assert difference == pytest.approx(speeder - sasrec, abs=2e-4)
+    assert "history length" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as stop:
+        main(checkpoints[:1])
+    assert stop.value.code == 2 and "at least two checkpoints" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ generative
 @pytest.fixture(scope="module")
 def free_speeder(toy_dict):

@@ -64,7 +64,7 @@ class TextAlignment(nn.Module):
         model._build_item_text()
         ids, lengths = model.item_text_ids, model.item_text_len
         n_items = len(ids)
-        getLogger().info(f"align_loss_weight: reading {n_items - 1} item texts with the backbone (LoRA off) once")
+        getLogger().info(f"alignment: reading {n_items - 1} item texts with the backbone (LoRA off) once")
         training = model.llm.training
         model.llm.train(False)
         states = []
