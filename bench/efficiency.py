@@ -42,11 +42,17 @@ from recbole_speeder.utils import create_dataset, get_model  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # models whose configs agree on these share one backbone object; the model may store the frozen weights in its
 # autocast dtype, so the autocast keys are among them
-BACKBONE_KEYS = (
+BACKBONE_KEYS = (  # every key load_backbone reads: two configs that differ in one get two backbones
     "backbone_path",
+    "backbone_offline_copy",
     "backbone_layers",
     "backbone_dtype",
+    "backbone_init",
+    "seed",  # backbone_init's permutation and LoRA's initialisation
     "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
     "autocast_dtype",
     "autocast_frozen_weights",
 )
