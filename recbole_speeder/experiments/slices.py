@@ -34,7 +34,8 @@ HISTORY_EDGES = (3, 5, 10, 20)  # items in the user's test history
 
 @dataclass
 class Ranked:
-    """One model's test users: who they are, their target, history length and the rank of the target (0 = top)."""
+    """One model's test users: who they are, their target, history length and where the target ranks (0: first;
+    ``TOPK``: outside the top ``TOPK``, all the metrics need)."""
 
     users: np.ndarray
     targets: np.ndarray
