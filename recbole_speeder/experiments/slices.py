@@ -120,7 +120,7 @@ def slice_table(runs: dict[str, Ranked], by: str, labels: np.ndarray, order: lis
     metrics = {name: per_user_metrics(run.ranks) for name, run in runs.items()}
     header = [by, "users"]
     for metric in metrics[names[0]]:
-        header += [f"{name} {metric}" for name in names[:1]]
+        header.append(f"{names[0]} {metric}")
         header += [f"{name} {metric} (vs {names[0]}, ± paired SE)" for name in names[1:]]
     rows = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for label in [*order, "all"]:
@@ -139,7 +139,7 @@ def slice_table(runs: dict[str, Ranked], by: str, labels: np.ndarray, order: lis
 
 
 def compare(checkpoints: dict[str, str], config_dict: dict) -> dict:
-    """Rank the test users with every checkpoint; the slice tables and per-slice numbers as one report."""
+    """Rank the test users with every checkpoint: each run's RecBole metrics and the slice tables (markdown rows)."""
     runs = {name: rank_test_users(path, config_dict) for name, path in checkpoints.items()}
     first = next(iter(runs.values()))
     for name, run in runs.items():
