@@ -195,9 +195,19 @@ def _stages_rule(value: Any, config: Mapping[str, Any]) -> None:
     stages = parse_stages(value, epochs=config["epochs"], learning_rate=config["learning_rate"],
                           modalities=config["modalities"], warn=False)
     aligning = [stage.name for stage in stages if stage.loss == "align"]
-    if aligning and config["item_repr"] != "mrc":
-        raise UsageError(f"mpo_stages: stage(s) {aligning} train on the alignment of MRC soft tokens (loss: align); "
-                         f"they need item_repr: mrc, got {config['item_repr']!r}")
+    if aligning:
+        _needs_soft_tokens(f"mpo_stages: stage(s) {aligning} train on the alignment of MRC soft tokens (loss: align)",
+                           config)
+
+
+def _align_rule(value: float, config: Mapping[str, Any]) -> None:
+    if value:
+        _needs_soft_tokens("align_loss_weight aligns MRC soft tokens", config)
+
+
+def _needs_soft_tokens(what: str, config: Mapping[str, Any]) -> None:
+    if config["item_repr"] != "mrc":
+        raise UsageError(f"{what}: it needs item_repr: mrc, got {config['item_repr']!r}")
 
 
 def _suffix_rule(value: str, config: Mapping[str, Any]) -> None:
@@ -316,7 +326,7 @@ SCHEMA: dict[str, Key] = {
     "generate_title_score": Key(str, choices=TITLE_SCORES),
     "generate_validity": Key(str, choices=GENERATE_VALIDITY),
     "generate_score_loss_weight": Key(float, minimum=0),
-    "align_loss_weight": Key(float, minimum=0),
+    "align_loss_weight": Key(float, minimum=0, rule=_align_rule),
     "align_items_per_step": Key(int, minimum=1),
 }
 

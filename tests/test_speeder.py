@@ -376,5 +376,5 @@ def test_alignment_loss_pulls_soft_tokens_towards_the_text_states(tiny_config):
     assert build(tiny_config())[0].alignment is None  # off by default: align_loss_weight 0
     with pytest.raises(UsageError, match="item_repr: mrc"):
         build(tiny_config(align_loss_weight=1.0, item_repr="text"))
-    with pytest.raises(UsageError, match=r"stage\(s\) \['warm'\] train on the alignment .* need item_repr: mrc"):
+    with pytest.raises(UsageError, match=r"stage\(s\) \['warm'\] train on the alignment .* needs item_repr: mrc"):
         tiny_config(item_repr="text", mpo_stages="warm:text:mrc:1::::align,full")

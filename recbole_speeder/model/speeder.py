@@ -179,10 +179,10 @@ class Speeder(SequentialRecommender):
         # beside the ranking loss; an MPO stage with loss: align trains on the alignment alone
         self.align_loss_weight = float(config["align_loss_weight"])
         self.align_items_per_step = int(config["align_items_per_step"])
-        self.alignment: TextAlignment | None = None
+        self.alignment: TextAlignment | None = None  # built when a loss first needs it (the config checks item_repr)
         self.stage_loss = "rank"
         if self.align_loss_weight:
-            self._build_alignment("align_loss_weight")
+            self.alignment = TextAlignment(self.align_items_per_step)
 
     # ------------------------------------------------------------------ parameter groups (MPO) and caches
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -211,15 +211,9 @@ class Speeder(SequentialRecommender):
     def set_stage_loss(self, loss: str) -> None:
         """What training minimises (an MPO stage's ``loss``): rank (the next-item loss, plus the weighted alignment
         loss when ``align_loss_weight`` > 0) or align (the alignment loss alone)."""
-        if loss == "align":
-            self._build_alignment("an MPO stage with loss: align")
-        self.stage_loss = loss
-
-    def _build_alignment(self, wanted_by: str) -> None:
-        if self.item_repr != "mrc":
-            raise UsageError(f"{wanted_by} aligns MRC soft tokens: it needs item_repr: mrc")
-        if self.alignment is None:
+        if loss == "align" and self.alignment is None:
             self.alignment = TextAlignment(self.align_items_per_step)
+        self.stage_loss = loss
 
     @property
     def history_items(self) -> str:
