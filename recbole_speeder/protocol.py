@@ -71,6 +71,14 @@ def recbole_sampler(loader):
     return sampler
 
 
+def full_ranking_loader(config, loader):
+    """The loader's users under full ranking: the loader itself, or a full-ranking loader over its split when it
+    samples candidate lists."""
+    if not is_sampled(loader):
+        return loader
+    return FullSortEvalDataLoader(config, loader._dataset, recbole_sampler(loader))
+
+
 def check_list_batches(config) -> None:
     """A model scores (a generative one answers) each user's whole candidate list in one evaluation batch."""
     for phase in ("valid", "test"):
@@ -239,8 +247,8 @@ def evaluate_test(trainer, config, test_data, load_best_model: bool, show_progre
     logger.info(set_color("inference cost", "blue") + f" [{describe_protocol(config)}]: {cost}")
     out = {"test_result": result, "test_cost": cost.per_user(), "eval_protocol": describe_protocol(config)}
     if is_sampled(test_data) and config["eval_full_beside"]:
-        full_data = FullSortEvalDataLoader(config, test_data._dataset, recbole_sampler(test_data))
-        full, full_cost = measured_evaluate(trainer, full_data, load_best_model=False, show_progress=show_progress)
+        full, full_cost = measured_evaluate(trainer, full_ranking_loader(config, test_data), load_best_model=False,
+                                            show_progress=show_progress)
         protocol = describe_protocol(config, full=True)
         logger.info(set_color("inference cost", "blue") + f" [{protocol}]: {full_cost}")
         logger.info(set_color("test result (beside)", "yellow") + f" [protocol: {protocol}]: {full}")

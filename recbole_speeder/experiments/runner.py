@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
-from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
+from recbole.data.dataloader import NegSampleEvalDataLoader
 from recbole.data.utils import create_samplers
 from recbole.utils import set_color
 
@@ -28,9 +28,9 @@ from recbole_speeder.config import Config
 from recbole_speeder.errors import UsageError
 from recbole_speeder.protocol import (
     describe_protocol,
+    full_ranking_loader,
     is_sampled,
     measured_evaluate,
-    recbole_sampler,
     seed_eval_candidates,
 )
 from recbole_speeder.quick_start import build_data_and_model, start_logging
@@ -136,9 +136,7 @@ def protocol_loaders(config, dataset, loaders, sampled_mode: str | None) -> dict
     """Full ranking, the run's own sampled test mode if it has one, and ``sampled_mode``; each with its protocol."""
     test_data = loaders[2]
     own = config["eval_args"]["mode"]["test"] if is_sampled(test_data) else None
-    full = test_data
-    if own:
-        full = FullSortEvalDataLoader(config, test_data._dataset, recbole_sampler(test_data))
+    full = full_ranking_loader(config, test_data)
     out: dict[str, tuple[object, str]] = {"full": (full, describe_protocol(config, full=True))}
     if own:
         out[own] = (test_data, describe_protocol(config))

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recbole.data.dataloader import FullSortEvalDataLoader
 
 from recbole_speeder.errors import ArgumentParser, UsageError
 
@@ -45,15 +44,6 @@ class Ranked:
     result: dict  # RecBole's metrics over the same users, which the slice "all" reproduces
 
 
-def full_ranking_loader(config, test_data):
-    """The test users under full ranking: the loader itself, or a full one over its split when it samples."""
-    from recbole_speeder.protocol import is_sampled, recbole_sampler
-
-    if not is_sampled(test_data):
-        return test_data
-    return FullSortEvalDataLoader(config, test_data._dataset, recbole_sampler(test_data))
-
-
 def training_counts(dataset, valid_data, test_data) -> np.ndarray:
     """Per item id, its interactions the model trained on: every interaction but the valid and test targets.
 
@@ -70,6 +60,7 @@ def training_counts(dataset, valid_data, test_data) -> np.ndarray:
 
 def rank_test_users(checkpoint: str, config_dict: dict) -> Ranked:
     """Every test user's rank of the true item among all items, from RecBole's own full-ranking evaluation."""
+    from recbole_speeder.protocol import full_ranking_loader
     from recbole_speeder.trainer.load import load_model
     from recbole_speeder.utils import get_trainer
 
