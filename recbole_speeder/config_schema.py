@@ -283,6 +283,7 @@ SCHEMA: dict[str, Key] = {
     "router": Key(str, choices=ROUTERS),
     "mrc_dropout": Key(float, minimum=0, below=1),
     "id_embedding_dim": Key(int, minimum=1),
+    "id_min_interactions": Key(int, minimum=0),
     "item_chunk_size": Key(int, minimum=1),
     "spae_absolute": Key(bool),
     "spae_relative": Key(bool),

@@ -11,6 +11,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from recbole.data import data_preparation
@@ -315,6 +316,26 @@ def test_control_backbones_train_and_score(tiny_config, init):
     with torch.no_grad():
         scores = model.full_sort_predict(batch)
     assert torch.isfinite(scores[:, 1:]).all()
+
+
+def test_id_min_interactions_leaves_rare_items_to_their_text(tiny_config):
+    """Counts are taken before all-position training drops rows, so both training layouts deny the same items."""
+    from recbole_speeder.experiments.slices import training_counts
+
+    config = tiny_config(id_min_interactions=4, modalities=["text", "id"])
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    counts = training_counts(dataset, valid, test)
+    assert np.array_equal(train._dataset.item_train_counts, counts)
+    model = Speeder(config, train._dataset)
+    rare = torch.from_numpy((counts < 4) & (counts > 0))
+    assert 0 < int(rare.sum()) < len(counts) - 1
+    weights = model.mrc.router_weights(torch.arange(1, len(counts)))
+    assert torch.all(weights["id"][rare[1:]] == 0) and torch.all(weights["text"][rare[1:]] == 1)
+    assert torch.all(weights["id"][~rare[1:] & torch.from_numpy(counts[1:] > 0)] > 0)
+    windows = tiny_config(id_min_interactions=4, modalities=["text", "id"], train_all_positions=False)
+    untiled = data_preparation(windows, create_dataset(windows))[0]._dataset
+    assert len(untiled) > len(train._dataset) and np.array_equal(untiled.item_train_counts, counts)
 
 
 def test_backbone_text_encoder_reads_items_with_the_llm_once_per_weights(tiny_config, tmp_path, monkeypatch):

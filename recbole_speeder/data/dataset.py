@@ -1,4 +1,5 @@
-"""Speeder's RecBole dataset: the standard sequential one, with training windows that tile each history."""
+"""Speeder's RecBole dataset: the standard sequential one, with training windows that tile each history and
+each item's training interactions counted before the tiling drops rows."""
 
 from __future__ import annotations
 
@@ -22,12 +23,25 @@ def tiling_window_index(user_ids: np.ndarray, window: int) -> np.ndarray:
     return np.sort(order[rank_from_end % window == 0])
 
 
+def item_interaction_counts(dataset: SequentialDataset) -> np.ndarray:
+    """Per item id, the interactions held by a sequential dataset's one-row-per-target rows (before any tiling).
+
+    Each row holds one target; a user's first item is never a target, so it is read from the rows whose history
+    is one item long.
+    """
+    feat = dataset.inter_feat
+    firsts = feat[dataset.item_id_list_field][feat[dataset.item_list_length_field] == 1, 0]
+    items = np.concatenate([feat[dataset.iid_field].numpy(), firsts.numpy()])
+    return np.bincount(items, minlength=dataset.item_num)
+
+
 class SpeederDataset(SequentialDataset):
     def build(self):
         datasets = super().build()
+        train = datasets[0]
+        train.item_train_counts = item_interaction_counts(train)  # copies of the split keep it
         if not self.config["train_all_positions"]:
             return datasets
-        train = datasets[0]
         users = train.inter_feat[train.uid_field].numpy()
         keep = tiling_window_index(users, self.config["MAX_ITEM_LIST_LENGTH"])
         self.logger.info(

@@ -45,14 +45,10 @@ class Ranked:
 
 
 def training_counts(dataset, valid_data, test_data) -> np.ndarray:
-    """Per item id, its interactions the model trained on: every interaction but the valid and test targets.
+    """Per item id, its interactions the model trained on: every interaction but the valid and test targets."""
+    from recbole_speeder.data.dataset import item_interaction_counts
 
-    RecBole's sequential dataset holds one row per target (every interaction but a user's first), so the first
-    items come from the rows whose history is one item long.
-    """
-    iid, feat = dataset.iid_field, dataset.inter_feat
-    firsts = feat[dataset.item_id_list_field][feat[dataset.item_list_length_field] == 1, 0]
-    counts = np.bincount(np.concatenate([feat[iid].numpy(), firsts.numpy()]), minlength=dataset.item_num)
+    iid, counts = dataset.iid_field, item_interaction_counts(dataset)
     for loader in (valid_data, test_data):
         counts -= np.bincount(loader._dataset.inter_feat[iid].numpy(), minlength=dataset.item_num)
     return counts

@@ -4,6 +4,8 @@ Each item's text embedding, image embedding and learned ID embedding go through 
 into ``mrc_tokens`` soft tokens in the LLM's embedding space; a router mixes the experts per item with a
 softmax over the modalities that item has (a missing image is masked out, not zero-filled). The same
 tokens are the item's input tokens and its output embedding, so scoring every item is one matmul.
+An item can also be denied its ID (``id_items``): a rare item's ID embedding sees few updates, so its tokens
+come from its content alone, as they would for a cold item.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class MixtureOfModalityExperts(nn.Module):
     """Per-item soft tokens ``[..., n_tokens, d_model]`` from the modalities that are active and present.
 
     ``features`` maps a modality to ``(embedding [n_items, D], mask [n_items])`` aligned to RecBole ids;
-    they are kept as non-persistent buffers, so checkpoints hold only the learned parts.
+    they are kept as non-persistent buffers, so checkpoints hold only the learned parts. ``id_items`` (bool
+    ``[n_items]``, default all) are the items that have the ID modality.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class MixtureOfModalityExperts(nn.Module):
         token_scale: float = 1.0,
         dropout: float = 0.1,
         id_dim: int = 64,
+        id_items: torch.Tensor | None = None,
     ):
         super().__init__()
         missing = [m for m in modalities if m != "id" and m not in features]
@@ -74,16 +78,18 @@ class MixtureOfModalityExperts(nn.Module):
         self.modalities = tuple(modalities)
         self.n_tokens, self.d_model, self.router = n_tokens, d_model, router
         self.experts = nn.ModuleDict()
-        self.has_any = {"id": True}  # a modality no item has (images of a text-only dataset) is never computed
+        self.has_any = {}  # a modality no item has (images of a text-only dataset) is never computed
         for name in self.modalities:
             if name == "id":
+                mask = torch.ones(n_items, dtype=torch.bool) if id_items is None else id_items.bool().clone()
+                mask[0] = False  # the padding item
                 self.experts[name] = IdExpert(n_items, id_dim, d_model, n_tokens)
             else:
                 embedding, mask = features[name]
                 self.register_buffer(f"{name}_features", embedding.float(), persistent=False)
-                self.register_buffer(f"{name}_mask", mask.bool(), persistent=False)
-                self.has_any[name] = bool(mask.any())
                 self.experts[name] = FeatureExpert(embedding.shape[1], expert_hidden, d_model, n_tokens, dropout)
+            self.register_buffer(f"{name}_mask", mask.bool(), persistent=False)
+            self.has_any[name] = bool(mask.any())
         self.router_score = nn.Linear(d_model, 1)
         self.modality_bias = nn.Parameter(torch.zeros(len(self.modalities)))
         # LayerNorm gain starts at the LLM's own token-embedding scale, so soft tokens look like tokens.
@@ -104,8 +110,6 @@ class MixtureOfModalityExperts(nn.Module):
         for name in self.modalities:
             if name not in self.active:
                 present = torch.zeros_like(item_ids, dtype=torch.bool)
-            elif name == "id":
-                present = item_ids > 0
             else:
                 present = getattr(self, f"{name}_mask")[item_ids]
             columns.append(present)

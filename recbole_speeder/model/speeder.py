@@ -126,6 +126,7 @@ class Speeder(SequentialRecommender):
             token_scale=input_token_scale(embeddings),
             dropout=config["mrc_dropout"],
             id_dim=config["id_embedding_dim"],
+            id_items=self._items_with_id(dataset, int(config["id_min_interactions"])),
         )
 
         # SPAE: position cues; the time gap needs the dataset's time field
@@ -183,6 +184,20 @@ class Speeder(SequentialRecommender):
         self.stage_loss = "rank"
         if self.align_loss_weight:
             self.alignment = TextAlignment(self.align_items_per_step)
+
+    @staticmethod
+    def _items_with_id(dataset, min_interactions: int) -> torch.Tensor:
+        """Items with at least ``min_interactions`` training interactions: the others get no ID expert."""
+        counts = torch.from_numpy(dataset.item_train_counts)
+        keep = counts >= min_interactions
+        if min_interactions:
+            rare = int((~keep[1:]).sum())
+            getLogger().info(
+                f"id_min_interactions {min_interactions}: {rare} of {len(counts) - 1} items "
+                f"({int(counts[~keep].sum())} of {int(counts.sum())} training interactions) have no ID expert; "
+                "their tokens come from their content alone"
+            )
+        return keep
 
     # ------------------------------------------------------------------ parameter groups (MPO) and caches
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
