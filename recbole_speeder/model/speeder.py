@@ -186,17 +186,18 @@ class Speeder(SequentialRecommender):
             self.alignment = TextAlignment(self.align_items_per_step)
 
     @staticmethod
-    def _items_with_id(dataset, min_interactions: int) -> torch.Tensor:
-        """Items with at least ``min_interactions`` training interactions: the others get no ID expert."""
+    def _items_with_id(dataset, min_interactions: int) -> torch.Tensor | None:
+        """Items with at least ``min_interactions`` training interactions (SpeederDataset counts them): the others
+        get no ID expert. None: every item keeps its ID."""
+        if not min_interactions:
+            return None
         counts = torch.from_numpy(dataset.item_train_counts)
         keep = counts >= min_interactions
-        if min_interactions:
-            rare = int((~keep[1:]).sum())
-            getLogger().info(
-                f"id_min_interactions {min_interactions}: {rare} of {len(counts) - 1} items "
-                f"({int(counts[~keep].sum())} of {int(counts.sum())} training interactions) have no ID expert; "
-                "their tokens come from their content alone"
-            )
+        getLogger().info(
+            f"id_min_interactions {min_interactions}: {int((~keep[1:]).sum())} of {len(counts) - 1} items "
+            f"({int(counts[~keep].sum())} of {int(counts.sum())} training interactions) have no ID expert; "
+            "their tokens come from their content alone"
+        )
         return keep
 
     # ------------------------------------------------------------------ parameter groups (MPO) and caches
