@@ -284,6 +284,7 @@ SCHEMA: dict[str, Key] = {
     "mrc_dropout": Key(float, minimum=0, below=1),
     "id_embedding_dim": Key(int, minimum=1),
     "id_min_interactions": Key(int, minimum=0),
+    "id_dropout": Key(float, minimum=0, below=1),
     "item_chunk_size": Key(int, minimum=1),
     "spae_absolute": Key(bool),
     "spae_relative": Key(bool),

@@ -79,6 +79,15 @@ def test_mrc_items_denied_their_id_are_made_from_their_content_alone():
     assert torch.allclose(denied(torch.tensor([2]))[0], tokens[[2]], atol=1e-6), "a denied item's tokens are its text's"
 
 
+def test_mrc_id_dropout_hides_ids_in_training_only():
+    mrc = make_mrc(id_dropout=0.5).train()
+    ident = list(mrc.modalities).index("id")
+    items = torch.arange(1, 6).repeat(400)
+    hidden = mrc(items)[1][:, ident] == 0
+    assert 0.4 < hidden.float().mean() < 0.6
+    assert torch.all(mrc.eval()(items)[1][:, ident] > 0), "evaluation keeps every item's ID"
+
+
 def test_mrc_refuses_a_modality_without_features():
     with pytest.raises(ValueError, match="no features"):
         MixtureOfModalityExperts({}, n_items=3, d_model=4, modalities=("text", "id"))

@@ -5,7 +5,7 @@ into ``mrc_tokens`` soft tokens in the LLM's embedding space; a router mixes the
 softmax over the modalities that item has (a missing image is masked out, not zero-filled). The same
 tokens are the item's input tokens and its output embedding, so scoring every item is one matmul.
 An item can also be denied its ID (``id_items``): a rare item's ID embedding sees few updates, so its tokens
-come from its content alone, as they would for a cold item.
+come from its content alone, as they would for a cold item; ``id_dropout`` trains such content-only tokens.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class MixtureOfModalityExperts(nn.Module):
 
     ``features`` maps a modality to ``(embedding [n_items, D], mask [n_items])`` aligned to RecBole ids;
     they are kept as non-persistent buffers, so checkpoints hold only the learned parts. ``id_items`` (bool
-    ``[n_items]``, default all) are the items that have the ID modality.
+    ``[n_items]``, default all) are the items that have the ID modality; in training, ``id_dropout`` hides it
+    from each item with that probability, so content-only tokens learn to rank among ID-bearing ones.
     """
 
     def __init__(
@@ -70,13 +71,14 @@ class MixtureOfModalityExperts(nn.Module):
         dropout: float = 0.1,
         id_dim: int = 64,
         id_items: torch.Tensor | None = None,
+        id_dropout: float = 0.0,
     ):
         super().__init__()
         missing = [m for m in modalities if m != "id" and m not in features]
         if missing:
             raise ValueError(f"modalities {missing} are configured but the dataset has no features for them")
         self.modalities = tuple(modalities)
-        self.n_tokens, self.d_model, self.router = n_tokens, d_model, router
+        self.n_tokens, self.d_model, self.router, self.id_dropout = n_tokens, d_model, router, id_dropout
         self.experts = nn.ModuleDict()
         self.has_any = {}  # a modality no item has (images of a text-only dataset) is never computed
         for name in self.modalities:
@@ -112,6 +114,8 @@ class MixtureOfModalityExperts(nn.Module):
                 present = torch.zeros_like(item_ids, dtype=torch.bool)
             else:
                 present = getattr(self, f"{name}_mask")[item_ids]
+                if name == "id" and self.training and self.id_dropout:
+                    present = present & (torch.rand(item_ids.shape, device=item_ids.device) >= self.id_dropout)
             columns.append(present)
         return torch.stack(columns, dim=-1)
 

@@ -127,6 +127,7 @@ class Speeder(SequentialRecommender):
             dropout=config["mrc_dropout"],
             id_dim=config["id_embedding_dim"],
             id_items=self._items_with_id(dataset, int(config["id_min_interactions"])),
+            id_dropout=config["id_dropout"],
         )
 
         # SPAE: position cues; the time gap needs the dataset's time field
