@@ -210,6 +210,17 @@ def _needs_soft_tokens(what: str, config: Mapping[str, Any]) -> None:
         raise UsageError(f"{what}: it needs item_repr: mrc, got {config['item_repr']!r}")
 
 
+def _hides_id_expert(name: str) -> Rule:
+    """A rule for a key that only hides MRC's ID expert: without one it would change nothing, silently."""
+    def rule(value: float, config: Mapping[str, Any]) -> None:
+        if value:
+            _needs_soft_tokens(f"{name} hides MRC's ID expert", config)
+            if "id" not in config["modalities"]:
+                raise UsageError(f"{name} hides MRC's ID expert: it needs 'id' in modalities, "
+                                 f"got {config['modalities']}")
+    return rule
+
+
 def _suffix_rule(value: str, config: Mapping[str, Any]) -> None:
     if value and config.get("train_all_positions"):
         raise UsageError(f"prompt_suffix: expected '' while train_all_positions is True (every position is read at "
@@ -283,8 +294,8 @@ SCHEMA: dict[str, Key] = {
     "router": Key(str, choices=ROUTERS),
     "mrc_dropout": Key(float, minimum=0, below=1),
     "id_embedding_dim": Key(int, minimum=1),
-    "id_min_interactions": Key(int, minimum=0),
-    "id_dropout": Key(float, minimum=0, below=1),
+    "id_min_interactions": Key(int, minimum=0, rule=_hides_id_expert("id_min_interactions")),
+    "id_dropout": Key(float, minimum=0, below=1, rule=_hides_id_expert("id_dropout")),
     "item_chunk_size": Key(int, minimum=1),
     "spae_absolute": Key(bool),
     "spae_relative": Key(bool),

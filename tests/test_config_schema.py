@@ -154,6 +154,18 @@ def test_recbole_and_config_file_mistakes_are_one_line_too(tmp_path):
         assert "\n" not in str(err.value)
 
 
+def test_id_keys_refuse_a_model_without_an_id_expert():
+    """Both keys only hide MRC's ID expert; without one they would silently change nothing."""
+    for overrides, message in [
+        ({"id_dropout": 0.25, "modalities": ["text"]}, "id_dropout hides MRC's ID expert: it needs 'id' in modalities"),
+        ({"id_min_interactions": 5, "item_repr": "text"},
+         "id_min_interactions hides MRC's ID expert: it needs item_repr: mrc"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            Config("Speeder", "ml-100k", config_dict=overrides)
+    assert Config("Speeder", "ml-100k", config_dict={"id_dropout": 0.0, "modalities": ["text"]})["id_dropout"] == 0
+
+
 def test_compare_checks_every_model_before_the_first_trains(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
