@@ -46,6 +46,7 @@ VARIANTS = {
     "no_lora": ({"lora_r": 0}, "LLM fully frozen"),
     "layers_1": ({"backbone_layers": 1}, "1 decoder layer"),
     "layers_4": ({"backbone_layers": 4}, "4 decoder layers"),
+    "layers_8": ({"backbone_layers": 8}, "8 decoder layers"),
     "layers_30": ({"backbone_layers": 30}, "the full 30-layer SmolLM2"),
     "mrc_tokens_2": ({"mrc_tokens": 2}, "2 soft tokens per item"),
     "align": ({"align_loss_weight": 1.0}, "alignment loss on 256 items a step"),
