@@ -36,7 +36,7 @@ from bench.report import command_line, machine_line, publish, run_cli, utc_now  
 from recbole_speeder.config import Config  # noqa: E402
 from recbole_speeder.data.item_features import item_texts, text_features  # noqa: E402
 from recbole_speeder.errors import UsageError  # noqa: E402
-from recbole_speeder.experiments.slices import training_counts  # noqa: E402
+from recbole_speeder.experiments.slices import TOPK, per_user_metrics, training_counts  # noqa: E402
 from recbole_speeder.model.backbone import GEMMA3_HUB_ID, SMOLLM2_HUB_ID, load_frozen_lm  # noqa: E402
 from recbole_speeder.utils import create_dataset  # noqa: E402
 
@@ -167,7 +167,7 @@ def per_user(ranks: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "Hit@1": (ranks < 1).astype(float),
         "Hit@5": (ranks < 5).astype(float),
-        "NDCG@10": np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0),
+        f"NDCG@{TOPK}": per_user_metrics(ranks)[f"ndcg@{TOPK}"],
         "MRR": 1 / (ranks + 1),
     }
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.scores_out:
         np.savez_compressed(args.scores_out, lists=lists, recent=recent, **scores)
     metrics = {name: per_user(ranks_of_first(s, rng)) for name, s in scores.items()}
-    names = list(per_user(np.zeros(1)))
+    names = list(next(iter(metrics.values())))
     rows = [f"| {name} | " + " | ".join(mean_se(m[k]) for k in names) + " |" for name, m in metrics.items()]
     reference = specs[0][0]
     pairs = [(f"{reference}, {kind}", f"{label}, {kind}") for label, _, _ in specs[1:]
