@@ -49,8 +49,6 @@ VARIANTS = {
     "layers_8": ({"backbone_layers": 8}, "8 decoder layers"),
     "layers_30": ({"backbone_layers": 30}, "the full 30-layer SmolLM2"),
     "mrc_tokens_2": ({"mrc_tokens": 2}, "2 soft tokens per item"),
-    "align": ({"align_loss_weight": 1.0}, "alignment loss on 256 items a step"),
-    "align_2048": ({"align_loss_weight": 10.0, "align_items_per_step": 2048}, "alignment loss on 2048 items a step"),
 }
 
 

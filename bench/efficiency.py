@@ -142,9 +142,9 @@ def build_models(args, overrides: list[str], workdir: str):
 
 
 def prompt_tokens(model, interaction, loss: bool) -> float | None:
-    if not hasattr(model, "prompt_token_stats"):
+    if not hasattr(model, "prompt"):
         return None
-    model.prompt_token_stats.update(samples=0, tokens=0)
+    model.prompt.stats.update(samples=0, tokens=0)
     model.eval()
     with torch.no_grad():
         model.calculate_loss(interaction) if loss else model.full_sort_predict(interaction)
@@ -169,8 +169,8 @@ def measure(models: dict, work: Workload, repeats: int) -> dict[str, ModelRow]:
             model.train(False)  # drops the caches
             start = time.perf_counter()
             with torch.no_grad():
-                model._item_vectors(model.item_tokens())
-                model._prefix_key_values()
+                model.item_vectors(model.item_tokens())
+                model.runtime.prefix_key_values()
             rows[name].item_cache_s = time.perf_counter() - start
     print(f"full ranking: {len(work.users)} users, {repeats} rounds ...", flush=True)
     times["full"] = paired_timings(full, repeats)

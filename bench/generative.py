@@ -5,7 +5,7 @@ object: training (forward + backward + Adam step) of score mode on its tiling wi
 generate`` on its training rows (one answer per row; the plain path without length buckets and with the full last
 layer beside it) or, with ``train_all_positions``, on score mode's windows (tokens per row, rows/s, and the cost of
 one epoch of each: steps per epoch x step time); then generative inference (``predict`` on each user's 20 candidate
-rows) with MRC items (label or item-token answers, the latter also with ``generate_copy: pointer``) and with
+rows) with MRC items (label or item-token answers, the latter with ``generate_copy: bias``) and with
 ``item_repr: text`` (constrained, and the free decoder of the LLaRA-style baseline), on the same users and
 candidates. Paired rounds, as ``bench/efficiency.py``; results are appended to BENCHMARKS.md.
 
@@ -45,28 +45,21 @@ TRAINED = {
         {**GENERATE, "length_bucket_tokens": 0, "last_layer_reads_only": False},
         "as below, one padded backbone call per batch, the last layer at every slot",
     ),
-    "generate": (GENERATE, "one answer over 20 candidates per training row"),
+    "generate": (GENERATE, "one answer over 20 candidates per training row (item answers, copy bias: the defaults)"),
     "generate (windows)": (
         {"predict_mode": "generate"},
         "score mode's windows and loss, plus one answer per window, at its last target",
     ),
-    "generate (windows, item answers)": (
-        {"predict_mode": "generate", "generate_answer": "item"},
-        "as above, the answer being the item's own token",
-    ),
-    "generate (windows, item answers, pointer)": (
-        {"predict_mode": "generate", "generate_answer": "item", "generate_copy": "pointer"},
-        "as above, plus the pointer's match with the 20 candidates' prompt states",
+    "generate (windows, label answers)": (
+        {"predict_mode": "generate", "generate_answer": "label"},
+        "as above, the answer being the candidate's label token",
     ),
 }
 # generative inference, MRC items against text descriptions; the first is the fast side of the ratio
 ANSWERING = {
-    "generate": (GENERATE, "MRC items: a label + 1 soft token per candidate"),
-    "generate (item answers)": ({**GENERATE, "generate_answer": "item"}, "MRC items, the answer an item token"),
-    "generate (item answers, pointer)": (
-        {**GENERATE, "generate_answer": "item", "generate_copy": "pointer", "generate_decoder": "free"},
-        "as above, the pointer scoring the listed items, free decoder",
-    ),
+    "generate (label answers)": ({**GENERATE, "generate_answer": "label"}, "MRC items: a label + 1 soft token each"),
+    "generate": (GENERATE, "MRC items, the answer an item token with the copy bias (the defaults)"),
+    "generate (free)": ({**GENERATE, "generate_decoder": "free"}, "as above, free decoder"),
     "generate (text)": ({**GENERATE, "item_repr": "text"}, "text descriptions, LLaRA-style titles"),
     "generate (text, free)": (
         {**GENERATE, "item_repr": "text", "generate_decoder": "free", "generate_validity": "llara"},
@@ -116,7 +109,7 @@ def setting(change: dict) -> str:
 
 def answer_tokens(model: Speeder, candidates) -> float:
     """Mean prompt tokens per user of a generative ``predict`` (prefix, history and the candidate list)."""
-    model.prompt_token_stats.update(samples=0, tokens=0)
+    model.prompt.stats.update(samples=0, tokens=0)
     model.eval()
     scoring(model, candidates, full=False)()
     return model.mean_prompt_tokens()

@@ -6,13 +6,13 @@ from collections.abc import Callable
 
 from torch.profiler import ProfilerActivity, profile, record_function
 
-# model method -> stage name in the table; calls from inside the model resolve to the instance's wrapper
+# (part of the model, its method) -> stage name in the table; calls resolve to the instance's wrapper
 STAGES = {
-    "item_tokens": "MRC: every item's soft tokens",
-    "_prompt_tokens": "prompt packing + SPAE cues",
-    "_prefix_key_values": "instruction prefix K/V",
-    "_run_backbone": "LLM backbone (forward)",
-    "_user_vectors": "user head",
+    ("", "item_tokens"): "MRC: every item's soft tokens",
+    ("", "history_prompt"): "prompt packing + SPAE cues",
+    ("runtime", "prefix_key_values"): "instruction prefix K/V",
+    ("runtime", "run"): "LLM backbone (forward)",
+    ("head", "users"): "user head",
 }
 OUTER = {
     "loss": "training loss (forward, total)",
@@ -24,15 +24,16 @@ OUTER = {
 
 def _instrument(model) -> Callable[[], None]:
     """Label the model's stages for the profiler; returns the undo."""
-    for name in STAGES:
-        method = getattr(model, name)
+    for (part, name), label in STAGES.items():
+        owner = getattr(model, part) if part else model
+        method = getattr(owner, name)
 
-        def wrapped(*args, _method=method, _label=STAGES[name], **kwargs):
+        def wrapped(*args, _method=method, _label=label, **kwargs):
             with record_function(_label):
                 return _method(*args, **kwargs)
 
-        setattr(model, name, wrapped)
-    return lambda: [model.__dict__.pop(name, None) for name in STAGES]
+        owner.__dict__[name] = wrapped
+    return lambda: [(getattr(model, part) if part else model).__dict__.pop(name, None) for part, name in STAGES]
 
 
 def stage_profile(model, optimizer, train_batch, users) -> str:

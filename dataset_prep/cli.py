@@ -13,7 +13,7 @@ from dataset_prep.errors import DatasetPrepError
 from dataset_prep.features import MODALITIES, FeatureOptions, build_features
 from dataset_prep.prepare import DATASETS, PrepOptions, ensure_dataset, prepare_dataset
 from dataset_prep.readers import RELEASES, AmazonReader, GenericReader, Reader
-from recbole_speeder.config_schema import Key, cli_type
+from recbole_speeder.config.schema import Key, cli_type
 from recbole_speeder.errors import ArgumentParser, UsageError
 
 EXAMPLES = """examples:

@@ -7,8 +7,8 @@ import argparse
 import sys
 from logging import getLogger
 
-from recbole_speeder.config_schema import Key, cli_type
-from recbole_speeder.errors import ArgumentParser, UsageError
+from recbole_speeder.config.schema import Key, cli_type
+from recbole_speeder.errors import ArgumentParser, RunFailed, UsageError
 from recbole_speeder.experiments.commands import add_arguments, run_experiment, wants_experiment
 from recbole_speeder.trainer import NonFiniteLossError
 
@@ -69,6 +69,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         getLogger().debug("usage error", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except NonFiniteLossError as err:  # the message names the stage, step and the last good checkpoint
+    except (NonFiniteLossError, RunFailed) as err:  # the message says where the run's files are
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

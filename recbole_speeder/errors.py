@@ -10,6 +10,10 @@ class UsageError(ValueError):
     """Bad input from the user (a name, a path, a config value); the message says how to fix it."""
 
 
+class RunFailed(RuntimeError):
+    """A run the user asked for failed after it started (a model of a comparison); its reports say why."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes are one ``error:`` line and exit status 2, like every other usage error.
 

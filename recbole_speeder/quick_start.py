@@ -1,10 +1,12 @@
-"""Train and evaluate any plugin or RecBole model with one call, like RecBole's ``quick_start``."""
+"""Train and evaluate any plugin or RecBole model with one call, and load a trained one back, like RecBole's
+``quick_start``."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import MutableMapping
 from logging import getLogger
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -13,14 +15,24 @@ from recbole.utils import get_environment, init_logger, set_color
 
 from recbole_speeder.allocator import keep_freed_memory
 from recbole_speeder.config import Config
-from recbole_speeder.protocol import (
+from recbole_speeder.config.snapshot import replayable_config
+from recbole_speeder.errors import UsageError
+from recbole_speeder.evaluation.protocol import (
     evaluate_test,
     sample_eval_users,
     seed_eval_candidates,
     tag_results_with_protocol,
 )
+from recbole_speeder.trainer.checkpoint_file import read_checkpoint
 from recbole_speeder.trainer.rng import seed_run
+from recbole_speeder.trainer.weights import load_trainable
 from recbole_speeder.utils import create_dataset, get_model, get_trainer
+
+# Keys that decide the frozen backbone's weights (and LoRA's shape and scale): a replay that changed them would put the
+# run's trained parameters on other weights than those they were trained with. ``seed`` joins them for a
+# backbone_init that draws its weights (shuffled, random).
+FROZEN_WEIGHT_KEYS = ("backbone_path", "backbone_offline_copy", "backbone_init", "backbone_dtype", "backbone_layers",
+                      "lora_r", "lora_alpha", "lora_target_modules")
 
 
 def run(
@@ -114,6 +126,7 @@ def run_recbole_speeder(
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         **test,  # test_result, its protocol and per-user cost; the full-ranking result beside it
+        "checkpoint": trainer.saved_model_file if saved else None,  # what load_model rebuilds the trained model from
     }
     if not config["single_spec"]:
         dist.destroy_process_group()
@@ -129,3 +142,75 @@ def objective_function(config_dict: dict | None = None, config_file_list: list[s
     return {key: result[key] for key in ("model", "best_valid_score", "valid_score_bigger",
                                          "best_valid_result", "test_result")}
 
+
+
+# ---------------------------------------------------------------------------------------------- loading a trained run
+def load_speeder(checkpoint: str | os.PathLike, config_dict: dict | None = None):
+    """``(config, model, dataset, train_data, valid_data, test_data)`` for a best or resume checkpoint.
+
+    The checkpoint stores the run's own config values (not the frozen backbone): the backbone is loaded from
+    ``backbone_path`` again and the trained parameters are copied in. ``config_dict`` overrides values, e.g.
+    ``data_path`` when the data moved or an evaluation key; an override of a key that decides the frozen weights
+    (:data:`FROZEN_WEIGHT_KEYS`, and ``seed`` under a shuffled or random backbone) is refused, since the trained
+    parameters would land on other weights. Data and loaders are built as the run built them, so a sampled mode
+    (``uni19``) scores the run's own seeded candidate lists. The model is in eval mode with the checkpoint's
+    active modalities.
+    """
+    tensors, state = read_checkpoint(checkpoint)
+    # the checkpoint holds the weights: a warm start's source (init_from) is not read again, nor needed
+    saved = {**state["config"], "init_from": None}
+    overrides = dict(config_dict or {})
+    if overrides:
+        _check_replay_overrides(checkpoint, state["model"], state["dataset"], saved, overrides)
+    config, dataset, loaders, model = _rebuild(state["model"], state["dataset"], {**saved, **overrides})
+    load_trainable(model, tensors, str(checkpoint))
+    model.set_modalities(state["modalities"])
+    model.eval()
+    return config, model, dataset, *loaders
+
+
+def _check_replay_overrides(checkpoint, model: str, dataset: str, saved: dict, overrides: dict) -> None:
+    """Refuse overrides that would rebuild other frozen weights than the run's (compared as the configs read them)."""
+    run = Config(model, dataset, config_dict=dict(saved))
+    replay = Config(model, dataset, config_dict={**saved, **overrides})
+    frozen = [*FROZEN_WEIGHT_KEYS, *(["seed"] if run["backbone_init"] != "pretrained" else [])]
+    for key in (k for k in frozen if k in overrides and replay[k] != run[k]):
+        raise UsageError(
+            f"{checkpoint} was trained on the frozen backbone that {key}={run[key]!r} builds; {key}={replay[key]!r} "
+            "would put its trained parameters on other weights: leave it out of the overrides"
+        )
+
+
+def load_recbole_model(checkpoint: str | os.PathLike, config_dict: dict | None = None):
+    """The same for a RecBole model's ``.pth`` checkpoint (SASRec, BERT4Rec, ... trained by the run script).
+
+    RecBole pickles its config object in the file, so only load checkpoints you trust (as with RecBole's own
+    ``load_data_and_model``). The run's own config values are replayed, ``config_dict`` overriding them.
+    """
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        run_config = saved["config"]
+        own = replayable_config(run_config)
+    except (OSError, KeyError, AttributeError, RuntimeError) as err:
+        raise UsageError(f"{checkpoint} is not a RecBole checkpoint ({err})") from None
+    model_name, dataset_name = run_config["model"], run_config["dataset"]
+    config, dataset, loaders, model = _rebuild(model_name, dataset_name, {**own, **(config_dict or {})})
+    model.load_state_dict(saved["state_dict"])
+    model.load_other_parameter(saved.get("other_parameter"))
+    model.eval()
+    return config, model, dataset, *loaders
+
+
+def load_model(checkpoint: str | os.PathLike, config_dict: dict | None = None):
+    """:func:`load_speeder` for a ``.safetensors`` checkpoint, :func:`load_recbole_model` for anything else."""
+    if not Path(checkpoint).is_file():
+        raise UsageError(f"checkpoint {checkpoint} does not exist")
+    load = load_speeder if Path(checkpoint).suffix == ".safetensors" else load_recbole_model
+    return load(checkpoint, config_dict)
+
+
+def _rebuild(model: str, dataset: str, config_dict: dict):
+    config = Config(model, dataset, config_dict=config_dict)
+    start_logging(config)
+    data, loaders, recommender = build_data_and_model(config)
+    return config, data, loaders, recommender

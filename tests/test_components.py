@@ -67,27 +67,6 @@ def test_mrc_active_modalities_restrict_the_mixture_and_outputs():
         mrc.set_active(["audio"])
 
 
-def test_mrc_items_denied_their_id_are_made_from_their_content_alone():
-    full = make_mrc()
-    denied = make_mrc(id_items=torch.tensor([True, True, False, True, True, False]))
-    ident, text = list(denied.modalities).index("id"), list(denied.modalities).index("text")
-    tokens, weights = denied(torch.arange(6))
-    full_tokens, full_weights = full(torch.arange(6))
-    assert weights[2, ident] == 0 and weights[5, ident] == 0 and weights[2, text] == 1
-    assert torch.equal(weights[[1, 3, 4]], full_weights[[1, 3, 4]]) and torch.allclose(tokens[1], full_tokens[1])
-    denied.set_active(["text"])
-    assert torch.allclose(denied(torch.tensor([2]))[0], tokens[[2]], atol=1e-6), "a denied item's tokens are its text's"
-
-
-def test_mrc_id_dropout_hides_ids_in_training_only():
-    mrc = make_mrc(id_dropout=0.5).train()
-    ident = list(mrc.modalities).index("id")
-    items = torch.arange(1, 6).repeat(400)
-    hidden = mrc(items)[1][:, ident] == 0
-    assert 0.4 < hidden.float().mean() < 0.6
-    assert torch.all(mrc.eval()(items)[1][:, ident] > 0), "evaluation keeps every item's ID"
-
-
 def test_mrc_refuses_a_modality_without_features():
     with pytest.raises(ValueError, match="no features"):
         MixtureOfModalityExperts({}, n_items=3, d_model=4, modalities=("text", "id"))

@@ -1,6 +1,6 @@
 """Config values are checked when the config is built: one line and exit status 2 before any data loads.
 
-The schema (recbole_speeder/config_schema.py) is tied to the yaml files here and to README's tables in
+The schema (recbole_speeder/config/schema.py) is tied to the yaml files here and to docs/configuration.md in
 test_docs.py.
 """
 
@@ -17,7 +17,7 @@ import yaml
 
 from recbole_speeder.cli import main
 from recbole_speeder.config import Config
-from recbole_speeder.config_schema import SCHEMA, Key, cli_type, parse_value
+from recbole_speeder.config.schema import SCHEMA, Key, cli_type, parse_value
 from recbole_speeder.errors import UsageError
 from recbole_speeder.resources import properties_dir
 
@@ -67,8 +67,8 @@ BAD_VALUES = [
     ("Speeder", "mpo_stages", "a:text+audio:mrc:1", "unknown modalities ['audio']"),
     ("Speeder", "mpo_stages", "a:text:mrc:0", "epochs must be an integer >= 1, not 0"),
     ("Speeder", "mpo_stages", "[1, 2]", "expected a list of stage dicts"),
-    ("Speeder", "mpo_stages", "a:text:all:1::words", "items must be one of tokens, text, text+tokens, not 'words'"),
-    ("Speeder", "mpo_stages", "[{name: a, users: 2}]", "users must be a fraction > 0 and <= 1, not 2"),
+    ("Speeder", "mpo_stages", "a:text:all:1:0.1:words", "has 6 fields; expected name:modalities:train:epochs"),
+    ("Speeder", "mpo_stages", "[{name: a, users: 2}]", "unknown key(s) ['users']"),
     ("Speeder", "epochs", "0", "expected an integer >= 1, got 0"),
     ("SASRec", "epochs", "ten", "got 'ten'"),
     ("SASRec", "train_batch_size", "abc", "expected an integer >= 1, got 'abc'"),
@@ -101,7 +101,8 @@ def no_data(monkeypatch, tmp_path):
 def test_a_bad_value_exits_2_with_one_line_naming_the_key_before_data_loads(no_data, capsys, model, key, value,
                                                                             fragment):
     with pytest.raises(SystemExit) as exit_info:
-        main([f"--model={model}", "--dataset=ml-100k", "--backbone_path=tiny-random", f"--{key}={value}"])
+        backbone = ["--backbone_path=tiny-random"] if model == "Speeder" else []
+        main([f"--model={model}", "--dataset=ml-100k", *backbone, f"--{key}={value}"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.startswith(f"error: {key}") and len(err.strip().splitlines()) == 1, err
@@ -154,16 +155,51 @@ def test_recbole_and_config_file_mistakes_are_one_line_too(tmp_path):
         assert "\n" not in str(err.value)
 
 
-def test_id_keys_refuse_a_model_without_an_id_expert():
-    """Both keys only hide MRC's ID expert; without one they would silently change nothing."""
-    for overrides, message in [
-        ({"id_dropout": 0.25, "modalities": ["text"]}, "id_dropout hides MRC's ID expert: it needs 'id' in modalities"),
-        ({"id_min_interactions": 5, "item_repr": "text"},
-         "id_min_interactions hides MRC's ID expert: it needs item_repr: mrc"),
+def test_an_unknown_key_stops_the_run_naming_the_closest_known_one(tmp_path):
+    """Command line, config file and config dict alike. Every key of RecBole's and the plugin's yaml files is known,
+    for any model: a settings dict or file shared by Speeder and SASRec holds both's keys."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("lerning_rate: 0.01\n")
+    for model, kwargs, message in [
+        ("Speeder", {"cmd_args": ["--mrc_token=2"]}, "unknown config key 'mrc_token' (command line); did you mean "
+                                                    "'mrc_tokens'?"),
+        ("Speeder", {"config_file_list": [str(typo)]}, "unknown config key 'lerning_rate' (config file); did you "
+                                                       "mean 'learning_rate'?"),
+        ("SASRec", {"config_dict": {"n_layer": 1}}, "unknown config key 'n_layer' (config_dict); did you mean "
+                                                   "'n_layers'?"),
+        ("SASRec", {"cmd_args": ["--zzz=1"]}, "unknown config key 'zzz' (command line)\n"),  # nothing close
     ]:
-        with pytest.raises(UsageError, match=re.escape(message)):
-            Config("Speeder", "ml-100k", config_dict=overrides)
-    assert Config("Speeder", "ml-100k", config_dict={"id_dropout": 0.0, "modalities": ["text"]})["id_dropout"] == 0
+        with pytest.raises(UsageError, match=re.escape(message.rstrip("\n"))) as err:
+            Config(model, "ml-100k", **kwargs)
+        assert message.endswith("?") or str(err.value) == message.rstrip("\n")
+    known = {"n_layers": 1, "hidden_dropout_prob": 0.2, "eval_step": 2, "item_inter_num_interval": "[5,inf)",
+             "lora_r": 4, "backbone_path": "tiny-random"}
+    assert Config("SASRec", "ml-100k", config_dict=known)["n_layers"] == 1
+    assert Config("Speeder", "ml-100k", cmd_args=["--mrc_tokens=2", "--n_layers=2"])["mrc_tokens"] == 2
+
+
+def test_a_typo_on_the_command_line_exits_2_with_one_line(tmp_path):
+    done = run_script("--model=Speeder", "--dataset=ml-100k", "--mrc_token=2", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == "error: unknown config key 'mrc_token' (command line); did you mean 'mrc_tokens'?\n"
+    assert not (tmp_path / "log").exists()  # stopped before RecBole's logger started
+
+
+def test_values_typed_as_text_are_read_as_literals_never_evaluated(tmp_path, monkeypatch):
+    """RecBole's Config calls ``eval`` on every string of a config dict; the plugin's reads them as literals."""
+    monkeypatch.chdir(tmp_path)
+    code = "open('marker', 'w').close() or 0.1"
+    with pytest.raises(UsageError, match=re.escape(f"mrc_dropout: expected a number >= 0 and < 1, got {code!r}")):
+        Config("Speeder", "ml-100k", config_dict={"mrc_dropout": code})
+    for config_dict in ({"eval_step": code}, {"seed": "__import__('os').getpid()"}):  # keys outside the schema
+        try:
+            Config("SASRec", "ml-100k", config_dict=config_dict)
+        except UsageError:
+            pass
+    assert not (tmp_path / "marker").exists()
+    # [id] stays a list of names, not a list holding Python's built-in id function
+    assert Config("Speeder", "ml-100k", config_dict={"modalities": "[id]"})["modalities"] == ["id"]
+    assert Config("Speeder", "ml-100k", cmd_args=["--modalities=[id]"])["modalities"] == ["id"]
 
 
 def test_compare_checks_every_model_before_the_first_trains(tmp_path, monkeypatch, capsys):

@@ -30,11 +30,9 @@ from recbole_speeder.config import Config
 from recbole_speeder.errors import UsageError
 from recbole_speeder.experiments import seeds
 from recbole_speeder.experiments.report import flat_row
-from recbole_speeder.experiments.runner import unknown_keys
-from recbole_speeder.experiments.search_space import parse_space
+from recbole_speeder.experiments.sweep.space import parse_space
 from recbole_speeder.experiments.variants import VARIANTS, parse_compare
 from recbole_speeder.resources import properties_dir
-from recbole_speeder.trainer.stages import GROUPS, parse_stages
 
 from .conftest import REPO
 
@@ -80,22 +78,11 @@ def test_compare_list_reads_models_variants_and_inline_overrides():
             parse_compare(bad)
 
 
-def test_the_curriculum_variant_puts_a_words_stage_on_a_user_sample_before_the_default_schedule():
-    (variant,) = parse_compare("Speeder[curriculum]")
-    configs = [Config("Speeder", "ml-100k", config_dict={"backbone_path": "tiny-random", **overrides})
-               for overrides in (variant.overrides, {})]
-    curriculum, default = (parse_stages(c["mpo_stages"], epochs=c["epochs"], learning_rate=c["learning_rate"],
-                                        modalities=c["modalities"]) for c in configs)
-    words, *rest = curriculum
-    assert (words.items, words.users, words.modalities, words.train) == ("text+tokens", 0.1, ("text",), GROUPS)
-    assert rest == default and all(stage.items is None and stage.users == 1 for stage in rest)
-
-
 def test_shipped_search_spaces_parse_and_name_real_config_keys(tmp_path):
     for model, file in [("Speeder", "speeder.hyper"), ("SASRec", "sasrec.hyper")]:
         params = parse_space(properties_dir() / "hyper" / file)
         config = Config(model, "ml-100k", config_dict={"backbone_path": "tiny-random"})
-        assert params and unknown_keys(config, [p.name for p in params]) == []
+        assert params and {p.name for p in params} <= config.model_keys()
     lr = parse_space(properties_dir() / "hyper" / "sasrec.hyper")[0]
     assert lr.kind == "loguniform"
     assert lr.to_ray().lower == pytest.approx(np.exp(lr.args[0]))  # natural-log bounds, as in hyperopt
@@ -119,6 +106,8 @@ def test_usage_mistakes_exit_2_with_one_line(capsys, monkeypatch, tmp_path):
         (["--compare=SASRec", "--seeds=2020,2020"], "lists a seed twice"),
         (["--compare=SASRec", "--seeds=2020,2021", "--seed=7"], "drop --seed"),
         (["--compare=SASRec[seed=7]", "--seeds=2020,2021"], "drop seed= from SASRec[seed=7]"),
+        (["--compare=SASRec[lora_r=4],Speeder"], "SASRec[lora_r=4]: ['lora_r'] is not a key of SASRec"),
+        (["--compare=SASRec,BERT4Rec", "--lora_rr=4"], "unknown config key 'lora_rr' (command line); did you mean"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv + TINY)
@@ -127,20 +116,22 @@ def test_usage_mistakes_exit_2_with_one_line(capsys, monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- --compare
-def test_compare_writes_tables_chart_and_configs_with_failed_rows(tmp_path, monkeypatch, random_text_features):
+def test_compare_writes_tables_chart_and_configs_with_failed_rows(tmp_path, monkeypatch, capsys,
+                                                                  random_text_features):
     import matplotlib.image
 
     monkeypatch.chdir(tmp_path)  # RecBole writes ./log
-    done = main(["--compare=Speeder,Speeder[text],SASRec,NoSuchModel,SASRec[text]", *TINY, "--epochs=1",
-                 "--backbone_path=tiny-random", "--mpo_stages=None", "--max_item_text_tokens=4",
-                 f"--text_feature_file={random_text_features}", f"--checkpoint_dir={tmp_path / 'saved'}",
-                 f"--results_dir={tmp_path / 'results'}"])
-    out = Path(done["results_dir"])
-    assert out.parent == tmp_path / "results" / "ml-100k"
+    with pytest.raises(SystemExit) as exit_info:  # a model failed: non-zero, after every table is written
+        main(["--compare=Speeder,Speeder[text],SASRec,NoSuchModel", *TINY, "--epochs=1",
+              "--backbone_path=tiny-random", "--mpo_stages=None", "--max_item_text_tokens=4",
+              f"--text_feature_file={random_text_features}", f"--checkpoint_dir={tmp_path / 'saved'}",
+              f"--results_dir={tmp_path / 'results'}"])
+    assert exit_info.value.code == 1
+    (out,) = (tmp_path / "results" / "ml-100k").iterdir()
+    assert f"1 run(s) failed: NoSuchModel; their errors are in {out}" in capsys.readouterr().err
     table = pd.read_csv(out / "results.csv")
-    assert table["model"].tolist() == ["Speeder", "Speeder[text]", "SASRec", "NoSuchModel", "SASRec[text]"]
-    assert table["status"].tolist() == ["ok", "ok", "ok", "failed", "failed"], table[["model", "error"]].to_string()
-    assert "not a config key of SASRec" in table.loc[4, "error"]
+    assert table["model"].tolist() == ["Speeder", "Speeder[text]", "SASRec", "NoSuchModel"]
+    assert table["status"].tolist() == ["ok", "ok", "ok", "failed"], table[["model", "error"]].to_string()
     assert isinstance(table.loc[3, "error"], str) and table.loc[3, "error"]
     ok = table[table["status"] == "ok"]
     assert ok["eval_split"].nunique() == 1  # one split for every model
@@ -158,13 +149,27 @@ def test_compare_writes_tables_chart_and_configs_with_failed_rows(tmp_path, monk
     assert ndcg.nunique() > 1 and markdown.count(f"**{ndcg.max():.4f}**") >= 1
     assert "## Failed" in markdown and "`NoSuchModel`:" in markdown
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert len(rows) == 5 and rows[3]["traceback"]
+    assert len(rows) == 4 and rows[3]["traceback"]
     assert yaml.safe_load((out / "configs" / "Speeder-text.yaml").read_text())["item_repr"] == "text"
-    assert len(list((out / "configs").glob("*.yaml"))) == 5
+    assert len(list((out / "configs").glob("*.yaml"))) == 4
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(out / "results.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+
+
+def test_compare_variants_are_read_as_literals_never_evaluated(tmp_path, monkeypatch, capsys):
+    """``[id]`` is the ID modality, not Python's id(); code in a variant is refused and never runs."""
+    monkeypatch.chdir(tmp_path)
+    shared = [*TINY, "--epochs=1", "--backbone_path=tiny-random", "--mpo_stages=None", "--sampled_eval=none",
+              f"--checkpoint_dir={tmp_path / 'saved'}", f"--results_dir={tmp_path / 'results'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--compare=Speeder[mrc_dropout=open('marker','w').close() or 0.1]", *shared])
+    assert exit_info.value.code == 2 and "mrc_dropout: expected a number" in capsys.readouterr().err
+    assert not (tmp_path / "marker").exists() and not (tmp_path / "results").exists()
+    out = Path(main(["--compare=Speeder[modalities=[id]]", *shared])["results_dir"])
+    assert pd.read_csv(out / "results.csv")["status"].tolist() == ["ok"]
+    assert yaml.safe_load((out / "configs" / "Speeder-modalities=-id.yaml").read_text())["modalities"] == ["id"]
 
 
 # ---------------------------------------------------------------------------------------------- --seeds
@@ -248,12 +253,14 @@ def test_seed_aggregator_refuses_inputs_that_are_not_one_experiment_at_several_s
     assert _aggregate(ok, tmp_path / "agg").loc["SASRec", "seeds"] == "1 2"
 
 
-def test_compare_over_seeds_reports_each_seed_and_their_mean_and_std(tmp_path, monkeypatch):
+def test_compare_over_seeds_reports_each_seed_and_their_mean_and_std(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["--compare=SASRec,NoSuchModel", "--seeds=2020,2021", *TINY, "--epochs=1",
             f"--checkpoint_dir={tmp_path / 'saved'}", f"--results_dir={tmp_path / 'results'}"]
-    out = Path(main(argv)["results_dir"])
-    assert out.parent == tmp_path / "results" / "ml-100k"
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    (out,) = (tmp_path / "results" / "ml-100k").iterdir()
+    assert exit_info.value.code == 1 and "NoSuchModel (seed 2020), NoSuchModel (seed 2021)" in capsys.readouterr().err
     runs = {seed: pd.read_csv(out / f"seed-{seed}" / "results.csv") for seed in (2020, 2021)}
     for seed, table in runs.items():
         assert table["seed"].tolist() == [seed, seed] and table["status"].tolist() == ["ok", "failed"]

@@ -19,12 +19,13 @@ from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.evaluator import Collector, Evaluator
 from torch.utils.data import DataLoader
 
+import recbole_speeder.model.generative.answerer as answerer_module
 from recbole_speeder.config import Config
 from recbole_speeder.data.features import save_item_features
 from recbole_speeder.errors import UsageError
-from recbole_speeder.metrics import rank_invalid_last
-from recbole_speeder.model.generative import named_candidate
-from recbole_speeder.protocol import SeededCandidateSampler, recbole_sampler, seed_eval_candidates
+from recbole_speeder.evaluation.metrics import rank_invalid_last
+from recbole_speeder.evaluation.protocol import SeededCandidateSampler, recbole_sampler, seed_eval_candidates
+from recbole_speeder.model.generative.decoding import named_candidate
 from recbole_speeder.quick_start import run_recbole_speeder
 from recbole_speeder.trainer import SpeederTrainer
 from recbole_speeder.trainer.rng import seed_run
@@ -169,8 +170,8 @@ def test_metrics_match_a_direct_numpy_computation(toy_dict):
 
 def test_an_all_invalid_batch_is_a_miss_at_every_cutoff_in_sampled_and_full_ranking(toy_dict, monkeypatch):
     config, model, valid, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False,
-                                    generate_decoder="free", topk=[1, 10, 20, 30])
-    monkeypatch.setattr(model.generative, "_greedy", lambda _model, _state, first: [[] for _ in first])
+                                    generate_answer="label", generate_decoder="free", topk=[1, 10, 20, 30])
+    monkeypatch.setattr(answerer_module, "greedy", lambda runtime, logits, state, first, *_: ([[] for _ in first], 0))
     trainer = SpeederTrainer(config, model)
     full = FullSortEvalDataLoader(config, valid._dataset, recbole_sampler(valid))
     for loader in (valid, full):  # 20 candidates: Hit@20 and Hit@30 would be 1 for any ranking of the list
@@ -199,7 +200,8 @@ def test_free_text_answers_are_parsed_by_the_configured_validity_rule(toy_dict):
                                item_repr="text", generate_decoder="free", generate_validity=rule)
         answerer = model.generative
         candidates = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
-        texts = [f"i pick {answerer._title(model, 2)} now", answerer._title(model, 6), "nothing listed"]
+        title = functools.partial(model.prompt.item_text, model.tokenizer)
+        texts = [f"i pick {title(2)} now", title(6), "nothing listed"]
         tokens = [model.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         answers[rule] = answerer._parse(model, tokens, candidates).tolist()
     assert answers == {"exact": [-1, 2, -1], "llara": [1, 2, -1]}
@@ -439,7 +441,7 @@ def test_slices_split_the_full_ranking_test_by_target_popularity_and_pair_each_r
 @pytest.fixture(scope="module")
 def free_speeder(toy_dict):
     config, model, valid, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False,
-                                    generate_decoder="free")
+                                    generate_answer="label", generate_decoder="free")
     return config, model, valid
 
 
@@ -450,8 +452,8 @@ def test_an_invalid_free_answer_counts_as_a_miss(free_speeder, monkeypatch):
     candidates = torch.stack([torch.randperm(model.n_items - 1)[:20] + 1 for _ in range(3)])
     truth_slot = torch.tensor([0, 3, 7])
     answers = [" A.", " zz", " C"]  # right; names no candidate; a wrong candidate
-    monkeypatch.setattr(model.generative, "_greedy", lambda *_: [
-        tokenizer(text, add_special_tokens=False)["input_ids"] for text in answers])
+    monkeypatch.setattr(answerer_module, "greedy", lambda *_: (
+        [tokenizer(text, add_special_tokens=False)["input_ids"] for text in answers], 3))
     item_seq = torch.randint(1, model.n_items, (3, config["MAX_ITEM_LIST_LENGTH"]))
     with torch.no_grad():
         scores = model.generative.answer_scores(model, item_seq, torch.full((3,), item_seq.shape[1]), None, candidates)
@@ -466,7 +468,7 @@ def test_an_invalid_free_answer_counts_as_a_miss(free_speeder, monkeypatch):
 
 def test_item_token_answers_choose_among_every_word_and_item_and_only_a_listed_one_is_valid(toy_dict, monkeypatch):
     config, model, valid, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False,
-                                    generate_answer="item", generate_decoder="free")
+                                    generate_answer="item", generate_copy="none", generate_decoder="free")
     answerer = model.generative
     vocab = model.llm.get_output_embeddings().weight.shape[0]
     candidates = torch.tensor([[5, 9, 13], [5, 9, 13], [5, 9, 13]])
@@ -475,7 +477,7 @@ def test_item_token_answers_choose_among_every_word_and_item_and_only_a_listed_o
     with torch.no_grad():  # the extended vocabulary: every word, then items 1..n-1, scored by the score head
         last = torch.randn(3, model.d_model)
         logits = answerer._answer_logits(model, last, model.item_tokens())
-        expected = model._user_vectors(last) @ model._item_vectors(model.item_tokens())[1:].T
+        expected = model.head.users(last) @ model.item_vectors(model.item_tokens())[1:].T
     assert logits.shape == (3, vocab + model.n_items - 1)
     assert torch.allclose(logits[:, vocab:], expected, atol=1e-5)
 
@@ -500,60 +502,47 @@ def test_item_token_answers_choose_among_every_word_and_item_and_only_a_listed_o
     loss.backward()
     assert torch.isfinite(loss) and model.head[1].weight.grad is not None
     model.zero_grad()
-    with pytest.raises(UsageError, match="generate_answer: item .* needs item_repr: mrc"):
-        build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False, generate_answer="item",
-              item_repr="text")
+    _, text, _, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False, item_repr="text")
+    assert text.generative.answer == "title" and text.generative.copy_bias is None  # item answers are MRC mode's
 
 
-@pytest.mark.parametrize("kind", ["bias", "pointer"])
-def test_the_copy_score_lifts_only_listed_items_trains_with_the_head_and_makes_free_answers_listed(toy_dict, kind):
+def test_the_copy_bias_lifts_only_listed_items_trains_with_the_head_and_makes_free_answers_listed(toy_dict):
     config, model, valid, _ = build("Speeder", toy_dict, predict_mode="generate", train_all_positions=False,
-                                    generate_answer="item", generate_decoder="free", generate_copy=kind)
-    answerer, pointer = model.generative, model.generative.pointer
+                                    generate_decoder="free")  # item answers with the copy bias: the defaults
+    answerer, bias = model.generative, model.generative.copy_bias
     vocab = model.llm.get_output_embeddings().weight.shape[0]
     candidates = torch.tensor([[5, 9, 13], [2, 9, 4]])
     listed = torch.zeros(2, vocab + model.n_items - 1, dtype=torch.bool)
     listed.scatter_(1, vocab + candidates - 1, True)
     model.eval()
-    last, states = torch.randn(2, model.d_model), torch.randn(2, 3, model.d_model)
+    last = torch.randn(2, model.d_model)
     with torch.no_grad():
-        copied = answerer._answer_logits(model, last, model.item_tokens(), candidates, states)
-        answerer.pointer = None
-        plain = answerer._answer_logits(model, last, model.item_tokens())
-        answerer.pointer = pointer
+        copied = answerer._answer_logits(model, last, model.item_tokens(), candidates)
+        answerer.copy_bias = None
+        plain = answerer._answer_logits(model, last, model.item_tokens(), candidates)
+        answerer.copy_bias = bias
     lift = copied - plain
     assert torch.all(lift[~listed] == 0)
-    assert torch.allclose(lift[listed], torch.tensor(math.log(vocab + model.n_items - 1)))  # the match starts at 0
-    if kind == "pointer":  # a candidate's own prompt state decides its share of the lift
-        torch.nn.init.normal_(pointer.match.weight)
-        with torch.no_grad():
-            lifted = answerer._answer_logits(model, last, model.item_tokens(), candidates, states) - plain
-            states[:, 0] += 1.0
-            moved = (answerer._answer_logits(model, last, model.item_tokens(), candidates, states) - plain)[listed]
-            lifted = lifted[listed]
-        assert lifted.unique().numel() == 6 and not torch.equal(lifted.view(2, 3)[:, 0], moved.view(2, 3)[:, 0])
-        assert torch.equal(lifted.view(2, 3)[:, 1:], moved.view(2, 3)[:, 1:])
+    assert torch.allclose(lift[listed], torch.tensor(math.log(vocab + model.n_items - 1)))
 
     model.train()
     batch = next(iter(valid))[0]
     model.calculate_loss(batch).backward()
-    assert pointer.bias.grad is not None and pointer.bias.grad != 0
-    if kind == "pointer":
-        assert pointer.match.weight.grad.abs().sum() > 0
-    assert {id(p) for p in pointer.parameters()} <= {id(p) for p in model.parameter_groups()["head"]}
+    assert bias.grad is not None and bias.grad != 0
+    assert id(bias) in {id(p) for p in model.parameter_groups()["head"]}
     model.zero_grad()
 
     model.eval()
     with torch.no_grad():  # a large enough lift: every free answer is a listed item, the constrained decoder's
-        pointer.bias.fill_(1e4)
+        bias.fill_(1e4)
         seq = torch.randint(1, model.n_items, (2, config["MAX_ITEM_LIST_LENGTH"]))
         lengths = torch.full((2,), seq.shape[1])
         free = answerer.answer_scores(model, seq, lengths, None, candidates)
         answerer.decoder = "constrained"
         constrained = answerer.answer_scores(model, seq, lengths, None, candidates)
     assert torch.isfinite(free).all() and torch.equal(free.argmax(dim=1), constrained.argmax(dim=1))
-    with pytest.raises(UsageError, match="generate_copy: bias .* needs generate_answer: item"):
-        build("Speeder", toy_dict, predict_mode="generate", generate_copy="bias")
+    _, labels, _, _ = build("Speeder", toy_dict, predict_mode="generate", generate_answer="label")
+    assert labels.generative.copy_bias is None  # a copy bonus is for item answers
 
 
 def test_training_prompts_list_the_true_item_among_seeded_shuffled_negatives(free_speeder):
@@ -562,8 +551,8 @@ def test_training_prompts_list_the_true_item_among_seeded_shuffled_negatives(fre
     targets = torch.randint(1, model.n_items, (64,))
     draws = []
     for _ in range(2):
-        answerer.generator.manual_seed(config["seed"])
-        draws.append(answerer._training_candidates(targets))
+        answerer.training_candidates.generator.manual_seed(config["seed"])
+        draws.append(answerer.training_candidates(targets))
     (candidates, slot), (again, slot_again) = draws
     assert torch.equal(candidates, again) and torch.equal(slot, slot_again)
     assert candidates.shape == (64, 20)
@@ -602,7 +591,7 @@ def test_text_mode_title_scores_equal_a_direct_forward(toy_dict):
         scores = answerer.answer_scores(model, item_seq, item_seq_len, None, candidates)
         prompt = answerer._prompt(model, item_seq, item_seq_len, None, model.item_tokens(), candidates)
         embeds, items, lengths = prompt.dense(), prompt.items, prompt.lengths
-        prefix = model.llm.get_input_embeddings()(model.prefix_ids).float()
+        prefix = model.llm.get_input_embeddings()(model.prompt.prefix_ids).float()
         for row in range(2):
             for slot, item in enumerate(candidates[row].tolist()):
                 answer, length = answerer._answer_tokens(model, torch.tensor([item]), torch.zeros(1, dtype=torch.long))
@@ -611,7 +600,7 @@ def test_text_mode_title_scores_equal_a_direct_forward(toy_dict):
                 sequence = torch.cat([prefix, embeds[row, : lengths[row]], tokens]).unsqueeze(0)
                 answer_items = items[row, lengths[row] - 1].expand(len(tokens))  # after the history, like the list
                 slot_items = torch.cat([items[row, : lengths[row]], answer_items]).unsqueeze(0)
-                mask = model.backbone_mask(slot_items, sequence.shape[1])
+                mask = model.runtime.attention_mask(slot_items, sequence.shape[1])
                 hidden = model.llm.get_decoder()(inputs_embeds=sequence, attention_mask=mask).last_hidden_state
                 hidden = hidden[0, -len(answer):]
                 logprobs = answerer._lm_logits(model, hidden).log_softmax(dim=-1)
@@ -624,9 +613,9 @@ def test_score_mode_predict_runs_one_prompt_per_user_and_agrees_with_full_sort(t
     model.eval()
     batch = next(iter(valid))[0]
     with torch.no_grad():
-        before = model.prompt_token_stats["samples"]
+        before = model.prompt.stats["samples"]
         pointwise = model.predict(batch)
-        assert model.prompt_token_stats["samples"] - before == len(batch) // 20
+        assert model.prompt.stats["samples"] - before == len(batch) // 20
         full = model.full_sort_predict(batch)
     assert torch.allclose(full[torch.arange(len(batch)), batch[model.ITEM_ID]], pointwise, atol=1e-5)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from recbole_speeder.trainer.checkpoint import read_checkpoint
+from recbole_speeder.trainer.checkpoint_file import read_checkpoint
 
 from .conftest import REPO
 

@@ -16,7 +16,7 @@ from recbole.utils import init_seed
 
 from recbole_speeder.data.features import save_item_features
 from recbole_speeder.model import Speeder
-from recbole_speeder.model.prompt import dense_batch, item_reads, length_groups, slot_items
+from recbole_speeder.model.runtime import autocast_dtype, length_groups
 from recbole_speeder.utils import create_dataset
 
 FLOAT32 = {"autocast_dtype": "float32"}
@@ -95,18 +95,19 @@ def test_prefix_cache_gives_the_scores_of_the_full_prompt(build):
     model, _, valid = build(**FLOAT32)
     cached = scores(model, valid)
     plain = copy.deepcopy(model)
-    plain.prefix_cache = False
+    plain.runtime.prefix_cache = False
     assert torch.allclose(cached, scores(plain, valid), atol=1e-4)
-    assert model._prefix_kv is not None  # the eval pass kept the prefix's keys/values
+    assert model.runtime._prefix_kv is not None  # the eval pass kept the prefix's keys/values
 
 
 @pytest.mark.parametrize("item_repr", ["mrc", "text"])
 def test_length_buckets_give_the_scores_loss_and_gradients_of_one_padded_batch(build, item_repr):
     model, train, valid = build(item_repr=item_repr, length_bucket_tokens=0, **FLOAT32)
     bucketed = copy.deepcopy(model)
-    lengths = model._prompt_tokens(*model._inputs(train), model.item_tokens())[2].last + 1
-    bucketed.length_bucket_tokens = 4 * int(lengths.max())
-    assert len(length_groups(lengths, bucketed.length_bucket_tokens, bucketed.length_bucket_padding)) > 1
+    lengths = model.history_prompt(*model.inputs(train), model.item_tokens()).lengths
+    runtime = bucketed.runtime
+    runtime.length_bucket_tokens = 4 * int(lengths.max())
+    assert len(length_groups(lengths, runtime.length_bucket_tokens, runtime.length_bucket_padding)) > 1
     assert torch.allclose(scores(model, valid), scores(bucketed, valid), atol=1e-4)
     losses = []
     for m in (model, bucketed):
@@ -124,17 +125,16 @@ def test_length_groups_read_the_states_of_the_padded_batch_through_one_backbone_
     """The groups' side-by-side input buffer holds each row's prompt exactly as the dense padded batch does; the
     all-position reads past a history are not computed (zeros)."""
     model, train, _ = build(item_repr=item_repr, **FLOAT32)
-    inputs = (*model._inputs(train), model.item_tokens())
-    lengths = model._prompt_tokens(*inputs)[2].last + 1
-    model.length_bucket_tokens = 4 * int(lengths.max())
+    inputs = (*model.inputs(train), model.item_tokens())
+    lengths = model.history_prompt(*inputs).lengths
+    model.runtime.length_bucket_tokens = 4 * int(lengths.max())
     with torch.no_grad():
-        values, where, layout = model._prompt_tokens(*inputs)
-        items = slot_items(layout, inputs[1], layout.n_slots)
-        every_slot = torch.arange(layout.n_slots).expand(len(lengths), -1)
-        dense = model._run_backbone(dense_batch(values, where, len(lengths), layout.n_slots), items, every_slot)
-        every_item = item_reads(layout, inputs[1])
+        prompt = model.history_prompt(*inputs)
+        every_slot = torch.arange(int(lengths.max())).expand(len(lengths), -1)
+        dense = model.runtime.run(prompt.dense(), prompt.items, every_slot)
+        every_item = prompt.item_end
         assert (every_item < 0).any()
-        for all_positions, reads in ((False, layout.last.unsqueeze(1)), (True, every_item)):
+        for all_positions, reads in ((False, prompt.last.unsqueeze(1)), (True, every_item)):
             expected = dense.gather(1, reads.clamp(min=0).unsqueeze(-1).expand(-1, -1, dense.shape[-1]))
             expected[reads < 0] = 0
             states = model._states(*inputs, all_positions=all_positions)
@@ -165,7 +165,7 @@ def test_all_position_loss_is_the_mean_of_one_prefix_at_a_time(build):
     with torch.no_grad():
         all_positions = model.calculate_loss(rows)
         model.train_all_positions = False
-        item_seq, item_seq_len, timestamps = model._inputs(rows)
+        item_seq, item_seq_len, timestamps = model.inputs(rows)
         targets = rows[model.POS_ITEM_ID]
         per_prefix = []
         for row in range(len(rows)):
@@ -189,7 +189,7 @@ def loss_and_gradients(model: Speeder, batch) -> tuple[float, dict[str, torch.Te
     """One training loss and its gradients; a generative model draws its negatives from a freshly seeded generator."""
     model.zero_grad()
     if model.generative is not None:
-        model.generative.generator.manual_seed(0)
+        model.generative.training_candidates.generator.manual_seed(0)
     loss = model.calculate_loss(batch)
     loss.backward()
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -200,9 +200,9 @@ def test_generative_loss_in_length_buckets_equals_one_padded_batch(build, item_r
     model, train, _ = build(item_repr=item_repr, length_bucket_tokens=0, **GENERATE, **FLOAT32)
     plain_loss, plain = loss_and_gradients(model, train)
     calls = []
-    run_backbone = model._run_backbone
-    model._run_backbone = lambda *args: calls.append(1) or run_backbone(*args)
-    model.length_bucket_tokens = 1024
+    run = model.runtime.run
+    model.runtime.run = lambda *args: calls.append(1) or run(*args)
+    model.runtime.length_bucket_tokens = 1024
     loss, gradients = loss_and_gradients(model, train)
     assert len(calls) > 1  # several length groups
     assert loss == pytest.approx(plain_loss, rel=1e-5)
@@ -246,7 +246,7 @@ def test_last_layer_at_the_reads_gives_the_states_of_the_full_last_layer(build, 
     assert (bias is None) == (mode.get("spae_relative") is False)
     assert bias is None or bool((bias != 0).all())
     reads_only = copy.deepcopy(full)
-    reads_only.last_layer_reads_only = True
+    reads_only.runtime.last_layer_reads_only = True
     rows_in_last_mlp = {}
     results = {}
     for name, model in (("full", full), ("reads", reads_only)):
@@ -262,7 +262,7 @@ def test_last_layer_at_the_reads_gives_the_states_of_the_full_last_layer(build, 
             if model.generative is None:
                 answers = model.full_sort_predict(valid)
             else:
-                item_seq, item_seq_len, timestamps = model._inputs(valid)
+                item_seq, item_seq_len, timestamps = model.inputs(valid)
                 candidates = torch.arange(1, 6).repeat(len(valid), 1) + 5 * torch.arange(len(valid)).unsqueeze(1)
                 answers = model.generative.answer_scores(model, item_seq, item_seq_len, timestamps, candidates)
         hook.remove()
@@ -281,7 +281,7 @@ def test_chunked_item_tokens_equal_one_pass(build):
     model, _, _ = build(**FLOAT32)
     with torch.no_grad():
         whole = model.item_tokens()
-        model._item_cache = None
+        model.runtime.drop_caches()
         model.item_chunk_size = 97
         chunked = model.item_tokens()
     assert torch.allclose(whole, chunked, atol=1e-6)
@@ -290,11 +290,12 @@ def test_chunked_item_tokens_equal_one_pass(build):
 def test_inference_mode_scores_equal_no_grad_and_fill_the_caches(build):
     model, _, valid = build(inference_mode=False)
     reference = scores(model, valid)
-    model.inference_mode = True
+    model.runtime.inference_mode = True
     model.train(False)  # drops the caches
     fast = scores(model, valid)
-    assert model._item_cache is not None and model._prefix_kv is not None
-    assert not model._item_cache.is_inference()  # caches are filled outside inference mode: usable anywhere
+    cached = model.runtime._cache["item_tokens"]
+    assert model.runtime.holds("item_tokens", cached) and model.runtime._prefix_kv is not None
+    assert not cached.is_inference()  # caches are filled outside inference mode: usable anywhere
     assert torch.equal(reference, fast)
     fast[:, 0] = -torch.inf  # RecBole masks the padding item in place: the scores must not be inference tensors
     with torch.inference_mode():  # a caller's own inference mode is kept, caches and all
@@ -304,7 +305,7 @@ def test_inference_mode_scores_equal_no_grad_and_fill_the_caches(build):
 def test_bf16_autocast_scores_agree_with_float32(build):
     model, train, valid = build(**FLOAT32)
     bf16 = copy.deepcopy(model)
-    bf16.autocast_dtype = torch.bfloat16
+    bf16.runtime.dtype = torch.bfloat16
     full, mixed = scores(model, valid), scores(bf16, valid)
     top_full, top_mixed = full.topk(10).indices, mixed.topk(10).indices
     overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top_full, top_mixed, strict=True)])
@@ -350,8 +351,6 @@ def test_mrc_skipping_dead_experts_equals_the_full_mixture():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_autocast_dtype_resolves_auto_by_hardware_and_warns_when_the_cpu_lacks_bf16(native, monkeypatch, caplog):
-    from recbole_speeder.model.speeder import autocast_dtype
-
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

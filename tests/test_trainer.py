@@ -26,17 +26,16 @@ import yaml
 from recbole.data import data_preparation
 from recbole.trainer import Trainer
 
-import recbole_speeder.trainer.mpo as mpo
+import recbole_speeder.trainer.checkpointing as checkpointing
 from recbole_speeder.config import Config
+from recbole_speeder.config.stages import GROUPS, parse_stages
 from recbole_speeder.data.features import save_item_features
 from recbole_speeder.errors import UsageError
 from recbole_speeder.model import Speeder
-from recbole_speeder.quick_start import run, run_recbole_speeder
-from recbole_speeder.trainer import CheckpointError, NonFiniteLossError, SpeederTrainer, load_speeder
-from recbole_speeder.trainer.checkpoint import read_checkpoint, write_checkpoint
+from recbole_speeder.quick_start import load_speeder, run, run_recbole_speeder
+from recbole_speeder.trainer import CheckpointError, NonFiniteLossError, SpeederTrainer
+from recbole_speeder.trainer.checkpoint_file import read_checkpoint, write_checkpoint
 from recbole_speeder.trainer.rng import seed_run
-from recbole_speeder.trainer.sample import shard
-from recbole_speeder.trainer.stages import GROUPS, parse_stages
 from recbole_speeder.trainer.weights import trainable_named_parameters
 from recbole_speeder.utils import create_dataset
 
@@ -132,21 +131,10 @@ def test_stage_specs_from_dicts_compact_strings_and_none():
     # a modality the model was not built with is dropped (one schedule serves every ablation)
     (dropped,) = parse_stages([{"modalities": ["text", "image"]}], epochs=1, learning_rate=1, modalities=["text"])
     assert dropped.modalities == ("text",)
-    # how items enter the prompt, and the user sample: None (as served) and every user unless given
-    assert [(s.items, s.users) for s in compact] == [(None, 1.0), (None, 1.0)]
-    words = parse_stages("words:text:all:1::text+tokens:0.1,full", epochs=7, learning_rate=1e-3,
-                         modalities=modalities)
-    assert words == parse_stages([{"name": "words", "modalities": ["text"], "epochs": 1, "items": "text+tokens",
-                                   "users": 0.1}, {"name": "full"}], epochs=7, learning_rate=1e-3,
-                                 modalities=modalities)
-    assert [(s.items, s.users, s.train) for s in words] == [("text+tokens", 0.1, GROUPS), (None, 1.0, GROUPS)]
-    # what a stage minimises: the ranking loss unless it says align
-    assert {s.loss for s in [*compact, *words]} == {"rank"}
-    aligned = parse_stages("align:text+id:mrc:1::::align,full", epochs=7, learning_rate=1e-3, modalities=modalities)
-    assert [s.loss for s in aligned] == ["align", "rank"]
-    assert aligned == parse_stages([{"name": "align", "modalities": ["text", "id"], "train": ["mrc"], "epochs": 1,
-                                     "loss": "align"}, {"name": "full"}], epochs=7, learning_rate=1e-3,
-                                   modalities=modalities)
+    # a stage none of whose modalities is configured is skipped: the default schedule under modalities [id]
+    (full,) = parse_stages([{"name": "text", "modalities": ["text"]}, {"name": "full"}], epochs=1, learning_rate=1,
+                           modalities=["id"])
+    assert (full.name, full.modalities) == ("full", ("id",))
 
 
 @pytest.mark.parametrize(
@@ -155,20 +143,14 @@ def test_stage_specs_from_dicts_compact_strings_and_none():
         ([{"name": "a", "lr": 0.1}], "unknown key"),
         ([{"train": ["mrc", "backbone"]}], "unknown train"),
         ([{"modalities": ["audio"]}], "unknown modalities"),
-        ([{"modalities": ["image"]}], "none of its modalities"),
+        ([{"modalities": ["image"]}], "no stage has a configured modality"),
         ([{"epochs": 0}], "epochs must be an integer"),
         ([{"learning_rate": -1.0}], "learning_rate must be a positive"),
         ([{"name": "x"}, {"name": "x"}], "unique"),
         ({"name": "x"}, "non-empty list"),
         ("a:text:mrc:two", "epochs must be a number"),
-        ("a:text:mrc:1:0.1:words", "items must be one of tokens, text, text\\+tokens, not 'words'"),
-        ([{"items": ["text"]}], "items must be one of"),
-        ("a:text:mrc:1:0.1:text:many", "users must be a number"),
-        ([{"users": 0}], "users must be a fraction > 0 and <= 1, not 0"),
-        ([{"users": 1.5}], "users must be a fraction"),
-        ([{"users": True}], "users must be a fraction"),
-        ("a:text:mrc:1:0.1:text:1:contrastive", "loss must be one of rank, align, not 'contrastive'"),
-        ("a:text:mrc:1:0.1:text:1:align:extra", "fields"),
+        ("a:text:mrc:1:0.1:extra", "has 6 fields"),
+        ([{"items": "text"}], "unknown key"),
     ],
 )
 def test_bad_stage_specs_are_one_line_usage_errors(spec, message):
@@ -212,55 +194,8 @@ def test_each_stage_trains_only_its_groups_and_modalities(toy, tmp_path, monkeyp
     assert not any("experts.image" in n for n in moved), "the inactive image expert must not move"
 
 
-def test_an_alignment_stage_trains_mrc_on_the_alignment_alone_before_ranking(toy, tmp_path):
-    """A warm-up stage with loss: align moves MRC towards the backbone's reading of the item text and nothing else
-    learns from it; the ranking stage after it trains on the next-item loss alone (align_loss_weight is 0)."""
-    stages = [{"name": "align", "modalities": ["text", "id"], "train": ["mrc"], "epochs": 3, "learning_rate": 1e-2,
-               "loss": "align"},
-              {"name": "rank", "train": ["mrc", "head"], "epochs": 1}]
-    config, model, train, valid, _ = build(toy_config(toy, tmp_path / "saved", mpo_stages=stages,
-                                                      align_items_per_step=64, mrc_dropout=0.0))
-    trainer = SpeederTrainer(config, model)
-    groups = group_of(model)
-    every_item = torch.arange(1, model.n_items)
-
-    def alignment_of_every_item() -> float:
-        with torch.no_grad():
-            return model.alignment.loss(model, every_item.unsqueeze(0), every_item[:1]).item()
-
-    losses, steps = [], []
-    real_loss = model.calculate_loss
-
-    def record(interaction):
-        loss = real_loss(interaction)
-        steps.append((model.stage_loss, loss))
-        return loss
-
-    model.calculate_loss = record
-    seen = []
-
-    def at_epoch_end(epoch, score):
-        training = model.training
-        model.eval()
-        losses.append(alignment_of_every_item())
-        model.train(training)
-        seen.append(snapshot(model))
-
-    model.set_stage_loss("align")  # builds the alignment, to read it before training starts
-    model.eval()
-    losses.append(alignment_of_every_item())
-    initial = snapshot(model)
-    trainer.fit(train, valid, saved=False, callback_fn=at_epoch_end)
-
-    assert [kind for kind, _ in steps] == ["align"] * 9 + ["rank"] * 3  # 3 steps an epoch
-    assert all(loss.dim() == 0 for _, loss in steps)  # one loss each: no alignment term beside the ranking
-    assert losses[3] < 0.8 * losses[0], losses  # the warm-up aligned every item, not only the ones it drew
-    assert {groups[n] for n in changed(initial, seen[2])} == {"mrc"}
-    assert {groups[n] for n in changed(seen[2], seen[3])} == {"mrc", "head"}
-
-
-# a schedule of token stages (written out, or ~) is the model as it was before stages could give items as text
-@pytest.mark.parametrize("stages", [None, "full:all:all:2::tokens:1"])
+# one stage, written out or ~, is RecBole's loop step for step
+@pytest.mark.parametrize("stages", [None, "full:all:all:2"])
 def test_one_stage_matches_recbole_trainer_and_best_checkpoint_is_trainable_only(toy, tmp_path, stages):
     settings = toy_config(toy, tmp_path / "saved", mpo_stages=stages, epochs=2)
     config, model, train, valid, test = build(settings)
@@ -286,109 +221,6 @@ def test_one_stage_matches_recbole_trainer_and_best_checkpoint_is_trainable_only
     assert Path(trainer.saved_model_file).stat().st_size < Path(reference.saved_model_file).stat().st_size / 5
 
 
-# ---------------------------------------------------------------------------------------------- items as words
-def test_stage_items_give_history_items_as_text_text_then_tokens_or_tokens_in_training_only(toy, tmp_path):
-    # without SPAE cues a prompt slot is its input embedding alone
-    settings = toy_config(toy, tmp_path / "saved", spae_absolute=False, spae_relative=False, spae_time=False)
-    config, model, train, _, _ = build(settings)
-    assert not hasattr(model, "item_text_ids")  # built when a stage first needs it
-    item_seq, item_seq_len, _ = model._inputs(next(iter(train)))
-    model.train()
-    item_tokens = model.item_tokens().detach()
-
-    def prompt(items) -> torch.Tensor:
-        model.set_stage_items(items)
-        with torch.no_grad():
-            values, (rows, _), _ = model._prompt_tokens(item_seq, item_seq_len, None, item_tokens)
-        return values[rows == 0]  # the first history's tokens, in prompt order
-
-    history = item_seq[0, : item_seq_len[0]].tolist()
-    as_tokens = prompt("tokens")
-    as_text = prompt("text")
-    assert len(as_text) > len(as_tokens) and model.history_items == "text"
-    embed = model.llm.get_input_embeddings()
-    with torch.no_grad():
-        text = [embed(model.item_text_ids[i, : model.item_text_len[i]]).float() for i in history]
-    soft = [item_tokens[i] for i in history]
-    assert torch.equal(as_tokens, torch.cat(soft))
-    assert torch.equal(as_text, torch.cat(text))
-    text_then_soft = [part for pair in zip(text, soft, strict=True) for part in pair]
-    assert torch.equal(prompt("text+tokens"), torch.cat(text_then_soft))
-    assert torch.equal(prompt(None), as_tokens)  # None: as item_repr serves them
-    model.set_stage_items("text")
-    model.eval()  # evaluation reads items as served, whatever the stage
-    assert model.history_items == "tokens"
-
-
-def test_switching_back_to_tokens_restores_the_token_model_exactly(toy, tmp_path):
-    config, model, train, _, _ = build(toy_config(toy, tmp_path / "saved"))
-    batch = next(iter(train))
-    model.train()
-
-    def loss() -> torch.Tensor:
-        torch.manual_seed(0)  # the same dropout masks
-        return model.calculate_loss(batch).detach()
-
-    reference = loss()
-    model.set_stage_items("text+tokens")
-    assert not torch.equal(loss(), reference)
-    model.set_stage_items("tokens")
-    assert torch.equal(loss(), reference)
-
-
-def fit_recording(settings: dict) -> tuple[SpeederTrainer, list[tuple[str, str, list[int]]], list[str], dict]:
-    """A fit that records each training batch's (stage, item input, user ids) and each evaluation's item input;
-    returns the trainer, those records and the test result."""
-    config, model, train, valid, test = build(settings)
-    trainer = SpeederTrainer(config, model)
-    batches, evaluations = [], []
-    calculate_loss, full_sort_predict = model.calculate_loss, model.full_sort_predict
-
-    def record_batch(interaction):
-        stage = trainer.stages[trainer.stage_index].name
-        batches.append((stage, model.history_items, interaction[model.USER_ID].tolist()))
-        return calculate_loss(interaction)
-
-    def record_evaluation(interaction):
-        evaluations.append(model.history_items)
-        return full_sort_predict(interaction)
-
-    model.calculate_loss, model.full_sort_predict = record_batch, record_evaluation
-    trainer.fit(train, valid)
-    return trainer, batches, evaluations, floats(trainer.evaluate(test, load_best_model=True))
-
-
-CURRICULUM = [
-    {"name": "words", "modalities": ["text"], "items": "text+tokens", "users": 0.25, "epochs": 2},
-    {"name": "full", "epochs": 1},
-]
-
-
-def test_a_words_stage_trains_its_user_sample_in_words_and_is_scored_with_tokens(toy, tmp_path):
-    settings = toy_config(toy, tmp_path / "saved", mpo_stages=CURRICULUM)
-    trainer, batches, evaluations, result = fit_recording(settings)
-    train_users = trainer.stage_data._dataset.inter_feat["user_id"]  # the last stage trains on the whole loader
-
-    def epochs_of(stage: str, n_epochs: int) -> list[list[int]]:
-        rows = [(items, users) for name, items, users in batches if name == stage]
-        assert {items for items, _ in rows} == {"text+tokens" if stage == "words" else "tokens"}
-        users = [u for _, batch in rows for u in batch]
-        per_epoch = len(users) // n_epochs
-        return [users[i : i + per_epoch] for i in range(0, len(users), per_epoch)]
-
-    first, second = epochs_of("words", 2)
-    sample = set(first)
-    assert len(sample) == round(0.25 * len(train_users.unique())) == 10
-    assert sorted(first) == sorted(second) == sorted(u for u in train_users.tolist() if u in sample)
-    assert first != second  # each epoch shuffles its rows
-    (full,) = epochs_of("full", 1)
-    assert sorted(full) == sorted(train_users.tolist())
-    assert set(evaluations) == {"tokens"}  # validation and test read the served soft tokens
-
-    _, rerun_batches, _, rerun_result = fit_recording(toy_config(toy, tmp_path / "rerun", mpo_stages=CURRICULUM))
-    assert rerun_batches == batches and rerun_result == result  # the same users, order and model on a rerun
-
-
 def copy_checkpoints_at(monkeypatch, copy: Path, position: tuple[str, int, int]) -> Path:
     """Copy the checkpoint folder to ``copy`` when the resume checkpoint of (stage, epoch, batch) is written: the
     state a kill right after that batch would leave."""
@@ -399,20 +231,20 @@ def copy_checkpoints_at(monkeypatch, copy: Path, position: tuple[str, int, int])
             shutil.copytree(Path(path).parent, copy)
         return size
 
-    monkeypatch.setattr(mpo, "write_checkpoint", keep)
+    monkeypatch.setattr(checkpointing, "write_checkpoint", keep)
     return copy
 
 
-def test_resume_mid_words_stage_reproduces_the_uninterrupted_run(toy, tmp_path, monkeypatch):
-    copy = copy_checkpoints_at(monkeypatch, tmp_path / "copy", ("words", 1, 1))
-    settings = toy_config(toy, tmp_path / "whole", mpo_stages=CURRICULUM, checkpoint_every_steps=1,
-                          train_batch_size=8)  # 2 batches per words epoch
+def test_resume_mid_stage_reproduces_the_uninterrupted_run(toy, tmp_path, monkeypatch):
+    stages = "text:text:mrc+spae+head:2,full:::1"
+    copy = copy_checkpoints_at(monkeypatch, tmp_path / "copy", ("text", 1, 1))
+    settings = toy_config(toy, tmp_path / "whole", mpo_stages=stages, checkpoint_every_steps=1)
     config, model, train, valid, test = build(settings)
     whole = SpeederTrainer(config, model)
     whole_valid = whole.fit(train, valid)
     whole_test = floats(whole.evaluate(test, load_best_model=True))
     whole_weights = trained(model)
-    monkeypatch.setattr(mpo, "write_checkpoint", write_checkpoint)
+    monkeypatch.setattr(checkpointing, "write_checkpoint", write_checkpoint)
 
     (resume_file,) = copy.glob("*.resume.safetensors")
     config, model, train, valid, test = build({**settings, "resume": str(resume_file)})
@@ -421,13 +253,6 @@ def test_resume_mid_words_stage_reproduces_the_uninterrupted_run(toy, tmp_path, 
     assert resumed.fit(train, valid)[0] == whole_valid[0]
     assert floats(resumed.evaluate(test, load_best_model=True)) == whole_test
     assert all(torch.equal(p, whole_weights[n]) for n, p in trained(model).items())
-
-
-def test_a_user_sample_gives_every_ddp_rank_as_many_rows():
-    order = torch.tensor([4, 0, 3, 1, 2])
-    shards = [shard(order, rank, 3) for rank in range(3)]
-    assert [len(s) for s in shards] == [2, 2, 2]
-    assert sorted(torch.cat(shards).tolist()) == [0, 1, 2, 3, 4, 4]  # the first row again, as DistributedSampler pads
 
 
 def scripted_validation(monkeypatch, scores: dict[str, list[float]]) -> None:
@@ -498,7 +323,7 @@ def test_resume_keeps_the_best_of_the_schedule_and_the_running_stage(toy, tmp_pa
     config, model, train, valid, _ = build(settings)
     whole = SpeederTrainer(config, model)
     whole.fit(train, valid)
-    monkeypatch.setattr(mpo, "write_checkpoint", write_checkpoint)
+    monkeypatch.setattr(checkpointing, "write_checkpoint", write_checkpoint)
     whole_late = read_checkpoint(whole.resume_file)[0]  # at the end: late's best weights
     whole_best = trained(model)
 
@@ -555,7 +380,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(toy, tmp_path, mo
 
     # meanwhile the uninterrupted run, in this process, keeping a copy of its first stage-boundary checkpoints
     boundary = tmp_path / "boundary"
-    original_write = mpo.write_checkpoint
+    original_write = checkpointing.write_checkpoint
 
     def keep_boundary(path, tensors, state):
         size = original_write(path, tensors, state)
@@ -564,9 +389,9 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(toy, tmp_path, mo
             shutil.copytree(Path(path).parent, boundary)
         return size
 
-    monkeypatch.setattr(mpo, "write_checkpoint", keep_boundary)
+    monkeypatch.setattr(checkpointing, "write_checkpoint", keep_boundary)
     whole = run_in_process(toy, overrides(tmp_path / "whole"))
-    monkeypatch.setattr(mpo, "write_checkpoint", write_checkpoint)
+    monkeypatch.setattr(checkpointing, "write_checkpoint", write_checkpoint)
     (whole_best,) = (tmp_path / "whole").glob("*[0-9].safetensors")
 
     watcher.join(timeout=300)
@@ -608,6 +433,26 @@ def test_load_speeder_rebuilds_the_trained_model(finished_run):
     assert config["mpo_stages"] == "text:text:mrc+spae+head:1,full:::1"
     result = SpeederTrainer(config, model).evaluate(test, load_best_model=False)
     assert floats(result) == floats(finished_run["test"])
+
+
+def test_load_speeder_refuses_overrides_that_rebuild_other_frozen_weights(finished_run, tmp_path, monkeypatch):
+    """A replay puts the run's trained parameters on the backbone the config builds: the keys that decide its weights
+    may not change, ``seed`` too under a backbone_init that draws them; evaluation keys may."""
+    for overrides in ({"backbone_init": "shuffled"}, {"backbone_layers": 1}, {"lora_alpha": 32}):
+        with pytest.raises(UsageError, match="leave it out of the overrides") as err:
+            load_speeder(finished_run["best"], overrides)
+        assert next(iter(overrides)) in str(err.value) and "\n" not in str(err.value)
+    config, model, *_ = load_speeder(finished_run["best"], {"seed": 7, "eval_batch_size": 32, "backbone_layers": 2})
+    assert (config["seed"], config["eval_batch_size"]) == (7, 32)  # a pretrained backbone draws nothing from the seed
+    tensors, state = read_checkpoint(finished_run["best"])
+    shuffled = tmp_path / "shuffled.safetensors"
+    write_checkpoint(shuffled, tensors, {**state, "config": {**state["config"], "backbone_init": "shuffled"}})
+    with pytest.raises(UsageError, match="seed=2020 builds; seed=7 would put"):
+        load_speeder(shuffled, {"seed": 7})
+    monkeypatch.chdir(tmp_path)  # an override is read as a literal, never run
+    with pytest.raises(UsageError, match="eval_batch_size: expected an integer"):
+        load_speeder(finished_run["best"], {"eval_batch_size": "open('marker', 'w').close() or 32"})
+    assert not (tmp_path / "marker").exists()
 
 
 def test_load_speeder_scores_the_runs_own_seeded_candidate_lists(toy, tmp_path):
@@ -661,7 +506,7 @@ def test_damaged_or_foreign_checkpoints_are_refused(finished_run, tmp_path):
         SpeederTrainer(config, model).evaluate(test, model_file=str(finished_run["best"]))
 
 
-def test_init_from_starts_a_generative_run_from_a_score_run_and_keeps_the_pointer_at_its_init(
+def test_init_from_starts_a_generative_run_from_a_score_run_and_keeps_the_copy_bias_at_its_init(
     finished_run, tmp_path, caplog
 ):
     tensors, state = read_checkpoint(finished_run["best"])
@@ -674,12 +519,12 @@ def test_init_from_starts_a_generative_run_from_a_score_run_and_keeps_the_pointe
         trainer = SpeederTrainer(config, model)
     started = snapshot(model)
     names = [name for name, _ in trainable_named_parameters(model)]
-    assert torch.equal(started["generative.pointer.bias"], fresh["generative.pointer.bias"])  # not in the checkpoint
-    assert all(torch.equal(started[n], tensors[f"model.{n}"]) for n in names if n != "generative.pointer.bias")
+    assert torch.equal(started["generative.copy_bias"], fresh["generative.copy_bias"])  # not in the checkpoint
+    assert all(torch.equal(started[n], tensors[f"model.{n}"]) for n in names if n != "generative.copy_bias")
     assert len(changed(fresh, started)) > len(names) / 2  # the score run's training, not the fresh init
-    assert "kept at their initialisation: ['generative.pointer.bias']" in caplog.text
+    assert "kept at their initialisation: ['generative.copy_bias']" in caplog.text
     trainer.fit(train, valid)  # the schedule starts afresh from the copied weights
-    assert changed(started, snapshot(model)) >= {"generative.pointer.bias"}
+    assert changed(started, snapshot(model)) >= {"generative.copy_bias"}
     best, _ = read_checkpoint(trainer.saved_model_file)
     config, model, *_ = load_speeder(trainer.saved_model_file)  # a replay keeps its own weights, not the source's
     assert config["init_from"] is None
@@ -710,7 +555,7 @@ def test_atomic_write_keeps_the_previous_checkpoint_when_the_write_fails(tmp_pat
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("recbole_speeder.trainer.checkpoint.os.replace", crash)
+    monkeypatch.setattr("recbole_speeder.trainer.checkpoint_file.os.replace", crash)
     with pytest.raises(OSError):
         write_checkpoint(path, {"model.w": torch.ones(3)}, {"kind": "best"})
     tensors, state = read_checkpoint(path)
@@ -730,13 +575,13 @@ def test_smollm2_checkpoints_are_under_5_percent_of_the_backbone(toy, tmp_path, 
         backbone_bytes = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_config(full).parameters())  # float32
 
     sizes = {}
-    original_write = mpo.write_checkpoint
+    original_write = checkpointing.write_checkpoint
 
     def measure(path, tensors, state):
         sizes[Path(path).name] = max(sizes.get(Path(path).name, 0), original_write(path, tensors, state))
         return sizes[Path(path).name]
 
-    monkeypatch.setattr(mpo, "write_checkpoint", measure)
+    monkeypatch.setattr(checkpointing, "write_checkpoint", measure)
     settings = toy_config(toy, tmp_path / "saved", backbone_path=SMOLLM2_HUB_ID, backbone_layers=1,
                           train_batch_size=32, mpo_stages="full:all:all:1", checkpoint_every_steps=1)
     config, model, train, _, _ = build(settings)

@@ -62,25 +62,6 @@ def encode_texts(texts: list[str], batch_size: int = 64, device: str = "cpu", sh
     return _mean_pooled(texts, tokenizer, model, TEXT_MAX_TOKENS, batch_size, device, "text embeddings", show_progress)
 
 
-def encode_texts_with_backbone(config, texts: list[str], batch_size: int = 64, device: str = "cpu",
-                               show_progress: bool = True) -> np.ndarray:
-    """[N, d_model] float32: each text read by every layer of the configured LLM backbone, mean-pooled.
-
-    The route for the LLM's own knowledge of an item's words to reach its soft token (``text_encoder:
-    backbone``): the LLM reads each item once, in its own language, and the text expert starts from that.
-    ``backbone_init`` applies, so the shuffled control encodes with shuffled weights too.
-    """
-    from recbole_speeder.model.backbone import load_frozen_lm
-
-    model, tokenizer = load_frozen_lm(config, None)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    decoder = model.get_decoder().to(device).eval()
-    return _mean_pooled(texts, tokenizer, decoder, int(config["max_item_text_tokens"]), batch_size, device,
-                        "backbone text embeddings", show_progress)
-
-
 def _mean_pooled(texts: list[str], tokenizer, model, max_tokens: int, batch_size: int, device: str, desc: str,
                  show_progress: bool) -> np.ndarray:
     """L2-normalised mean of the last hidden states over each text's tokens (the sentence-transformers recipe).

@@ -71,12 +71,7 @@ def _cache_dir(config) -> Path:
 
 
 def text_features(config, dataset, texts: list[str]) -> ItemFeatures:
-    """The text modality: a prepared feature file if one exists, else MiniLM over ``texts``, cached once.
-
-    ``text_encoder: backbone`` reads the texts with the LLM backbone itself instead (cached per backbone).
-    """
-    if config["text_encoder"] == "backbone":
-        return _backbone_text_features(config, dataset, texts)
+    """The text modality: a prepared feature file if one exists, else MiniLM over ``texts``, cached once."""
     id2token = dataset.field2id_token[dataset.iid_field]
     name = config["dataset"]
     explicit = config["text_feature_file"]
@@ -90,19 +85,6 @@ def text_features(config, dataset, texts: list[str]) -> ItemFeatures:
 
     return _cached_text_features(config, dataset, name, source_hash(texts), AUTO_TEXT_ENCODER,
                                  lambda: encode_texts(texts, show_progress=config["show_progress"]))
-
-
-def _backbone_text_features(config, dataset, texts: list[str]) -> ItemFeatures:
-    """Backbone-read text features, cached beside MiniLM's under a name that says which weights read them."""
-    from recbole_speeder.data.encoders import encode_texts_with_backbone
-
-    init = config["backbone_init"]
-    weights = f"{config['backbone_path']}|{init}|{config['seed'] if init != 'pretrained' else ''}"
-    reader = f"backbone {weights} (all layers, mean-pooled, {config['max_item_text_tokens']} tokens)"
-    name = f"{config['dataset']}.backbone-{source_hash([reader])[:12]}"
-    return _cached_text_features(config, dataset, name, source_hash([reader, *texts]), reader,
-                                 lambda: encode_texts_with_backbone(config, texts, device=str(config["device"]),
-                                                                    show_progress=config["show_progress"]))
 
 
 def _cached_text_features(config, dataset, name: str, sha: str, encoder: str,

@@ -4,11 +4,20 @@ Ray and matplotlib load only when asked for)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 
-from recbole_speeder.errors import UsageError
+from recbole_speeder.errors import RunFailed, UsageError
 
 TUNE_TOOLS = ("ray", "hyperopt")
+EXTRA = "pip install 'recbole-speeder[experiments]'"  # what --compare and --tune need beyond the core
+
+
+def require(flag: str, *modules: str) -> None:
+    """A one-line error naming the install command when an experiment's package is missing."""
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UsageError(f"{flag} needs {', '.join(missing)}, in the experiments extra: {EXTRA}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +67,7 @@ def run_experiment(
     if args.nproc != 1 or args.world_size > 0:
         raise UsageError("--compare and --tune run one process per model or trial: drop --nproc / --world_size")
     if args.compare:
+        require("--compare", "matplotlib")
         from recbole_speeder.experiments.compare import run_compare
         from recbole_speeder.experiments.seeds import parse_seeds, run_seeds
         from recbole_speeder.experiments.variants import parse_compare
@@ -66,11 +76,16 @@ def run_experiment(
         command = f"python run_recbole_speeder.py {shlex.join(argv)}"
         shared = {"results_dir": args.results_dir, "sampled_mode": args.sampled_eval, "command": command}
         if args.seeds:
-            out = run_seeds(variants, args.dataset, config_files, overrides, parse_seeds(args.seeds), **shared)
+            out, failed = run_seeds(variants, args.dataset, config_files, overrides, parse_seeds(args.seeds),
+                                    **shared)
         else:
-            out = run_compare(variants, args.dataset, config_files, overrides, **shared)
+            out, failed = run_compare(variants, args.dataset, config_files, overrides, **shared)
+        if failed:
+            raise RunFailed(f"{len(failed)} run(s) failed: {', '.join(failed)}; their errors are in {out}")
         return {"results_dir": str(out)}
-    from recbole_speeder.experiments.tune import SweepOptions, run_sweep
+    require(f"--tune_tool={args.tune_tool}", "ray" if args.tune_tool == "ray" else "hyperopt")
+    from recbole_speeder.experiments.sweep.run import run_sweep
+    from recbole_speeder.experiments.sweep.spec import SweepOptions
 
     options = SweepOptions(
         tool=args.tune_tool,

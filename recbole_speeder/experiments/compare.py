@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from recbole_speeder.config import Config
-from recbole_speeder.config_schema import parse_value
+from recbole_speeder.config.schema import parse_value
 from recbole_speeder.errors import UsageError
 from recbole_speeder.experiments import report
 from recbole_speeder.experiments.runner import check_sampled_mode, train_and_test
@@ -53,18 +53,23 @@ def without_keys(cmd_args: list[str], keys) -> list[str]:
 
 
 def check_configs(variants: list[Variant], dataset: str, config_files: list[str] | None, cmd_args: list[str]) -> None:
-    """Build every model's config before the first one trains, so a bad value stops the comparison at once
-    instead of failing its row after the models before it have trained. An unknown model still fails its row."""
+    """Build every model's config before the first one trains, so a bad value, or a variant key its model does not
+    use (``SASRec[lora_r=4]``), stops the comparison at once instead of after the models before it have trained. An
+    unknown model still fails its row."""
     for variant in variants:
         try:
             get_model(variant.model)
         except UsageError:
             continue
         try:
-            Config(variant.model, dataset, config_files, dict(variant.overrides),
-                   cmd_args=without_keys(cmd_args, variant.overrides))
+            config = Config(variant.model, dataset, config_files, dict(variant.overrides),
+                            cmd_args=without_keys(cmd_args, variant.overrides))
         except UsageError as err:
             raise UsageError(f"{variant.label}: {err}") from None
+        foreign = [key for key in variant.overrides if key not in config.model_keys()]
+        if foreign:
+            raise UsageError(f"{variant.label}: {foreign} {'is not a key' if len(foreign) == 1 else 'are not keys'} "
+                             f"of {variant.model}")
 
 
 def write_run_config(path: Path, config: dict, dataset: str) -> None:
@@ -92,8 +97,9 @@ def run_compare(
     sampled_mode: str | None = "uni19",
     out: Path | None = None,
     command: str | None = None,
-) -> Path:
-    """Train and test every variant; returns the folder holding results.{csv,json,md,png} and configs/.
+) -> tuple[Path, list[str]]:
+    """Train and test every variant; returns the folder holding results.{csv,json,md,png} and configs/, and the
+    labels of the models that failed.
 
     ``out`` (a new folder under ``<results_dir>/<dataset>/``, e.g. one seed's of ``--seeds``) replaces the
     timestamped folder; ``command``, the command line as typed, heads the reports so they say how to rerun.
@@ -124,7 +130,6 @@ def run_compare(
                 without_keys(cmd_args, variant.overrides),
                 checkpoint_subdir=f"compare-{dataset}-{run_name}/{variant.slug}",
                 sampled_mode=sampled_mode,
-                checked_keys=tuple(variant.overrides),
                 title=title,
             )
             row = {"label": variant.label, "status": "ok", "error": "", **result.to_dict()}
@@ -143,4 +148,4 @@ def run_compare(
         rows.append(row)
         report.write_compare_reports(out, meta, rows)
     print(report.summary_line(rows, out), flush=True)
-    return out
+    return out, [row["label"] for row in rows if row["status"] != "ok"]

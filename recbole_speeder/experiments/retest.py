@@ -18,7 +18,7 @@ from logging import getLogger
 from pathlib import Path
 
 from recbole_speeder.cli import check_overrides
-from recbole_speeder.config_schema import parse_value
+from recbole_speeder.config.schema import parse_value
 from recbole_speeder.errors import ArgumentParser, UsageError
 
 
@@ -30,8 +30,8 @@ def parse_overrides(flags: list[str]) -> dict:
 
 def retest(checkpoint: str, config_dict: dict) -> dict:
     """The test result (and the full ranking beside a sampled one) of ``checkpoint`` under ``config_dict``."""
-    from recbole_speeder.protocol import evaluate_test
-    from recbole_speeder.trainer.load import load_model
+    from recbole_speeder.evaluation.protocol import evaluate_test
+    from recbole_speeder.quick_start import load_model
     from recbole_speeder.utils import get_trainer
 
     config, model, *_, test_data = load_model(checkpoint, config_dict)

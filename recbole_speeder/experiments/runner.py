@@ -25,8 +25,9 @@ from recbole.data.utils import create_samplers
 from recbole.utils import set_color
 
 from recbole_speeder.config import Config
+from recbole_speeder.config.snapshot import replayable_config
 from recbole_speeder.errors import UsageError
-from recbole_speeder.protocol import (
+from recbole_speeder.evaluation.protocol import (
     describe_protocol,
     full_ranking_loader,
     is_sampled,
@@ -34,7 +35,6 @@ from recbole_speeder.protocol import (
     seed_eval_candidates,
 )
 from recbole_speeder.quick_start import build_data_and_model, start_logging
-from recbole_speeder.trainer.mpo import replayable_config
 from recbole_speeder.utils import get_trainer
 
 SAMPLED_MODE = re.compile(r"^(uni|pop)\d+$")
@@ -146,12 +146,6 @@ def protocol_loaders(config, dataset, loaders, sampled_mode: str | None) -> dict
     return out
 
 
-def unknown_keys(config, keys) -> list[str]:
-    """Keys that no default yaml or config file of this model defines (a typo, or a key of another model)."""
-    known = set(config.internal_config_dict) | set(config.file_config_dict)
-    return [key for key in keys if key not in known]
-
-
 def train_and_test(
     model: str,
     dataset: str,
@@ -162,21 +156,16 @@ def train_and_test(
     checkpoint_subdir: str | None = None,
     sampled_mode: str | None = None,
     on_valid: Callable[[int, float], None] | None = None,
-    checked_keys: tuple[str, ...] = (),
     title: str | None = None,
 ) -> RunResult:
     """Train ``model`` on ``dataset``, pick the best epoch on valid, and test it under each protocol.
 
     ``checkpoint_subdir`` is joined to ``checkpoint_dir`` so runs never share a checkpoint path;
-    ``on_valid(epoch, valid_score)`` is RecBole's ``callback_fn``; ``checked_keys`` must be config keys the
-    model knows (a variant's overrides). Errors propagate: the caller decides what a failed run means.
+    ``on_valid(epoch, valid_score)`` is RecBole's ``callback_fn``. Errors propagate: the caller decides what a
+    failed run means.
     """
     with isolated_logging():
         config = Config(model, dataset, config_files, config_dict, cmd_args=cmd_args)
-        unknown = unknown_keys(config, checked_keys)
-        if unknown:
-            raise UsageError(f"{unknown} {'is not a config key' if len(unknown) == 1 else 'are not config keys'} "
-                             f"of {config['model']}")
         if checkpoint_subdir:
             config["checkpoint_dir"] = os.path.join(config["checkpoint_dir"], checkpoint_subdir)
         start_logging(config)

@@ -81,9 +81,10 @@ def run_seeds(
     results_dir: str | Path = "results",
     sampled_mode: str | None = "uni19",
     command: str | None = None,
-) -> Path:
+) -> tuple[Path, list[str]]:
     """The comparison once per seed (``--seed=S`` added to ``cmd_args``, nothing else changed) into
-    ``seed-<S>/`` of one new folder; returns that folder, which also holds seeds.csv and seeds.md."""
+    ``seed-<S>/`` of one new folder; returns that folder, which also holds seeds.csv and seeds.md, and the runs that
+    failed (``<label> (seed S)``)."""
     if "seed" in override_keys(cmd_args):
         raise UsageError("--seeds sets the seed of every run: drop --seed")
     seeded = [variant.label for variant in variants if "seed" in variant.overrides]
@@ -91,14 +92,16 @@ def run_seeds(
         raise UsageError(f"--seeds sets the seed of every run: drop seed= from {', '.join(seeded)}")
     root = new_run_dir(results_dir, dataset)
     print(f"Repeating the comparison for seeds {', '.join(map(str, seeds))}; reports in {root}", flush=True)
-    folders = []
+    folders, failed = [], []
     for seed in seeds:
-        folders.append(run_compare(variants, dataset, config_files, [*cmd_args, f"--seed={seed}"],
-                                   results_dir=results_dir, sampled_mode=sampled_mode, out=root / f"seed-{seed}",
-                                   command=command))
+        folder, failed_here = run_compare(variants, dataset, config_files, [*cmd_args, f"--seed={seed}"],
+                                          results_dir=results_dir, sampled_mode=sampled_mode,
+                                          out=root / f"seed-{seed}", command=command)
+        folders.append(folder)
+        failed += [f"{label} (seed {seed})" for label in failed_here]
         write_seed_reports(folders, root, command)
     print(f"mean ± std over {len(seeds)} seeds in {root / 'seeds.md'}", flush=True)
-    return root
+    return root, failed
 
 
 # ---------------------------------------------------------------------------------------------- reading

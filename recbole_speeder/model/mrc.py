@@ -4,8 +4,6 @@ Each item's text embedding, image embedding and learned ID embedding go through 
 into ``mrc_tokens`` soft tokens in the LLM's embedding space; a router mixes the experts per item with a
 softmax over the modalities that item has (a missing image is masked out, not zero-filled). The same
 tokens are the item's input tokens and its output embedding, so scoring every item is one matmul.
-An item can also be denied its ID (``id_items``): a rare item's ID embedding sees few updates, so its tokens
-come from its content alone, as they would for a cold item; ``id_dropout`` trains such content-only tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recbole_speeder.config_schema import MODALITIES
+from recbole_speeder.config.choices import MODALITIES
 
 
 class FeatureExpert(nn.Module):
@@ -53,9 +51,7 @@ class MixtureOfModalityExperts(nn.Module):
     """Per-item soft tokens ``[..., n_tokens, d_model]`` from the modalities that are active and present.
 
     ``features`` maps a modality to ``(embedding [n_items, D], mask [n_items])`` aligned to RecBole ids;
-    they are kept as non-persistent buffers, so checkpoints hold only the learned parts. ``id_items`` (bool
-    ``[n_items]``, default all) are the items that have the ID modality; in training, ``id_dropout`` hides it
-    from each item with that probability, so content-only tokens learn to rank among ID-bearing ones.
+    they are kept as non-persistent buffers, so checkpoints hold only the learned parts.
     """
 
     def __init__(
@@ -70,20 +66,18 @@ class MixtureOfModalityExperts(nn.Module):
         token_scale: float = 1.0,
         dropout: float = 0.1,
         id_dim: int = 64,
-        id_items: torch.Tensor | None = None,
-        id_dropout: float = 0.0,
     ):
         super().__init__()
         missing = [m for m in modalities if m != "id" and m not in features]
         if missing:
             raise ValueError(f"modalities {missing} are configured but the dataset has no features for them")
         self.modalities = tuple(modalities)
-        self.n_tokens, self.d_model, self.router, self.id_dropout = n_tokens, d_model, router, id_dropout
+        self.n_tokens, self.d_model, self.router = n_tokens, d_model, router
         self.experts = nn.ModuleDict()
         self.has_any = {}  # a modality no item has (images of a text-only dataset) is never computed
         for name in self.modalities:
             if name == "id":
-                mask = torch.ones(n_items, dtype=torch.bool) if id_items is None else id_items.bool().clone()
+                mask = torch.ones(n_items, dtype=torch.bool)
                 mask[0] = False  # the padding item
                 self.experts[name] = IdExpert(n_items, id_dim, d_model, n_tokens)
             else:
@@ -114,8 +108,6 @@ class MixtureOfModalityExperts(nn.Module):
                 present = torch.zeros_like(item_ids, dtype=torch.bool)
             else:
                 present = getattr(self, f"{name}_mask")[item_ids]
-                if name == "id" and self.training and self.id_dropout:
-                    present = present & (torch.rand(item_ids.shape, device=item_ids.device) >= self.id_dropout)
             columns.append(present)
         return torch.stack(columns, dim=-1)
 

@@ -1,7 +1,6 @@
-"""Plugin trainers, found by ``utils.get_trainer`` as ``<Model>Trainer``; checkpoint loading for inference."""
+"""Plugin trainers, found by ``utils.get_trainer`` as ``<Model>Trainer``."""
 
-from recbole_speeder.trainer.checkpoint import CheckpointError
-from recbole_speeder.trainer.load import load_speeder
-from recbole_speeder.trainer.mpo import NonFiniteLossError, SpeederTrainer
+from recbole_speeder.trainer.checkpoint_file import CheckpointError
+from recbole_speeder.trainer.trainer import NonFiniteLossError, SpeederTrainer
 
-__all__ = ["CheckpointError", "NonFiniteLossError", "SpeederTrainer", "load_speeder"]
+__all__ = ["CheckpointError", "NonFiniteLossError", "SpeederTrainer"]

@@ -1,4 +1,4 @@
-"""``--nproc`` / ``--world_size`` runs: process group setup and the few collectives the trainer needs.
+"""``--nproc`` / ``--world_size`` runs: process group setup, the few collectives the trainer needs, and its DDP wrapper.
 
 RecBole 1.2.1's ``Config._init_device`` hard-codes the NCCL backend, puts every rank on ``cuda:<local_rank>``
 and asserts one listed GPU per process, so a CPU run (or one GPU per node-local rank on gloo) cannot start.
@@ -13,7 +13,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from recbole.trainer.trainer import AbstractTrainer
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from recbole_speeder.errors import UsageError
 
@@ -95,3 +97,40 @@ def broadcast_module(module: nn.Module) -> None:
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
+
+
+class LossModule(nn.Module):
+    """What DDP runs forward: RecBole models train through ``calculate_loss``, not ``forward``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, interaction):
+        return self.model.calculate_loss(interaction)
+
+
+class DeferredDDP(AbstractTrainer):
+    """RecBole wraps DDP in ``AbstractTrainer.__init__`` over the parameters trainable at that moment, with
+    CUDA-only ``device_ids``; MPO changes the trainable set per stage, so the wrapper is built per stage."""
+
+    def __init__(self, config, model):
+        self.config = config
+        self.model = model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool) -> DistributedDataParallel:
+    """DDP over the model's trainable parameters only (a stage's); frozen ones and buffers are ignored.
+
+    Some parameters of a trained group can be unused in a stage (the image expert while only text is active, the
+    router under ``router: uniform``): ``find_unused_parameters`` (``ddp_find_unused_parameters``) lets DDP skip them.
+    """
+    wrapper = LossModule(model)
+    ignore = [f"model.{n}" for n, p in model.named_parameters() if not p.requires_grad]
+    ignore += [f"model.{n}" for n, _ in model.named_buffers()]  # never broadcast at init or per forward
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, ignore)
+    return DistributedDataParallel(
+        wrapper,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )

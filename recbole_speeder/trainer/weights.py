@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from recbole_speeder.trainer.checkpoint import CheckpointError
+from recbole_speeder.trainer.checkpoint_file import CheckpointError
 
 PREFIX = "model."
 
@@ -43,7 +43,7 @@ def load_trainable(model: nn.Module, tensors: Mapping[str, torch.Tensor], source
 
 def warm_start(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> tuple[list[str], list[str]]:
     """Copy the trainable parameters a checkpoint shares with the model (``init_from``): a score-mode run can start
-    a generative one, whose pointer keeps its own initialisation. Returns ``(kept at init, ignored from the
+    a generative one, whose copy bias keeps its own initialisation. Returns ``(kept at init, ignored from the
     checkpoint)``; a misshapen parameter, or a checkpoint sharing none, is refused."""
     shared, missing, extra = _match(model, tensors, source)
     if not shared:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from recbole_speeder.config import plain
+from recbole_speeder.config.snapshot import plain
 from recbole_speeder.errors import UsageError
 from recbole_speeder.experiments.runner import train_and_test
-from recbole_speeder.experiments.tune import Sweep, SweepOptions, Trial
+from recbole_speeder.experiments.sweep.spec import Sweep, SweepOptions, Trial
 
 # ASHA's cap on reports per trial; RecBole's epochs and early stopping end trials well before it.
 MAX_REPORTS = 1 << 20

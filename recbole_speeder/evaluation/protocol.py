@@ -20,8 +20,8 @@ import torch
 from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
 from recbole.utils import set_color
 
-from recbole_speeder.candidates import HistoryExcludingSampler
 from recbole_speeder.errors import UsageError
+from recbole_speeder.evaluation.candidates import HistoryExcludingSampler
 
 PHASE_IDS = {"train": 0, "valid": 1, "test": 2}
 
@@ -220,10 +220,8 @@ class InferenceCost:
 
 
 def _token_counters(model) -> tuple[int, int]:
-    """(prompt tokens, generated tokens) counted so far by an LLM recommender; zeros for other models."""
-    prompt = getattr(model, "prompt_token_stats", {}).get("tokens", 0)
-    generated = getattr(getattr(model, "generative", None), "generated_tokens", 0)
-    return int(prompt), int(generated)
+    """(prompt tokens, generated tokens) counted so far by an LLM recommender (``token_counts``); zeros for others."""
+    return model.token_counts() if hasattr(model, "token_counts") else (0, 0)
 
 
 def measured_evaluate(trainer, eval_data, **kwargs) -> tuple[dict, InferenceCost]:
@@ -233,7 +231,7 @@ def measured_evaluate(trainer, eval_data, **kwargs) -> tuple[dict, InferenceCost
     result = trainer.evaluate(eval_data, **kwargs)
     seconds = time.perf_counter() - start
     prompt1, generated1 = _token_counters(trainer.model)
-    counts = hasattr(trainer.model, "prompt_token_stats")
+    counts = hasattr(trainer.model, "token_counts")
     return result, InferenceCost(eval_data.sample_size, prompt1 - prompt0, generated1 - generated0, seconds, counts)
 
 

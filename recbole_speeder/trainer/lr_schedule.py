@@ -10,7 +10,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 def build_scheduler(optimizer: Optimizer, name: str, warmup_steps: int, total_steps: int) -> LambdaLR:
     """Linear warm-up over ``warmup_steps``, then constant, linear decay to 0, or cosine decay to 0
-    (``config_schema.LR_SCHEDULERS``)."""
+    (``config.choices.LR_SCHEDULERS``)."""
     warmup = max(int(warmup_steps or 0), 0)
     total = max(int(total_steps), 1)
 

@@ -4,8 +4,8 @@ RecBole's own Ray objective reports test metrics to Ray, so its sweeps pick the 
 report their valid score after every epoch (ASHA stops the weak ones on it) and the test result of each finished
 trial is kept beside it, for information. Two tools:
 
-- ``ray`` (default, ``ray_sweep.py``): Ray Tune, local or on a running cluster, trials in parallel;
-- ``hyperopt`` (``hyperopt_sweep.py``): RecBole's ``HyperTuning`` in this process, one trial after another.
+- ``ray`` (default, ``ray_tune.py``): Ray Tune, local or on a running cluster, trials in parallel;
+- ``hyperopt`` (``hyperopt_tune.py``): RecBole's ``HyperTuning`` in this process, one trial after another.
 
 Both write ``<results_dir>/<dataset>/tune-<model>-<timestamp>/``: ``trials.csv`` and ``trials.md`` (sorted by the
 valid metric), ``best.yaml`` (a config file ``--config_files`` accepts) and ``best.json`` (its valid and test
@@ -17,70 +17,23 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from recbole_speeder.config import LAUNCH_KEYS, Config, plain
+from recbole_speeder.config import Config
+from recbole_speeder.config.snapshot import LAUNCH_KEYS, plain
 from recbole_speeder.errors import UsageError
 from recbole_speeder.experiments.compare import new_run_dir
-from recbole_speeder.experiments.runner import unknown_keys
-from recbole_speeder.experiments.search_space import Param, find_space_file, parse_space
+from recbole_speeder.experiments.sweep.space import find_space_file, parse_space
+from recbole_speeder.experiments.sweep.spec import SEARCHES, Sweep, SweepOptions, Trial
 from recbole_speeder.utils import create_dataset, ensure_atomic_files
 
 # Config keys holding paths: made absolute for the trials, which Ray runs in other working directories.
 PATH_KEYS = ("data_path", "checkpoint_dir", "text_feature_file", "image_feature_file", "feature_cache_dir",
              "backbone_path")
-SEARCHES = {"ray": ("random", "grid"), "hyperopt": ("grid", "random", "bayes")}
-
-
-@dataclass
-class SweepOptions:
-    tool: str = "ray"
-    search: str | None = None  # ray: random; hyperopt: grid (RecBole's "exhaustive")
-    samples: int | None = None  # random/bayes: trials (8); grid: runs per grid point (1)
-    cpus: float = 1
-    gpus: float | None = None  # None: 1 if this machine has CUDA, else 0
-    ray_address: str | None = None
-    grace_period: int = 1
-    reduction_factor: float = 2
-    results_dir: str = "results"
-
-
-@dataclass
-class Sweep:
-    """What every trial shares; paths absolute, values plain (it travels to Ray workers)."""
-
-    model: str
-    dataset: str
-    config_files: list[str]
-    file_values: dict  # the config files' values as RecBole read them (for best.yaml)
-    fixed: dict  # the command line's values and absolute paths, under the sampled ones
-    params: list[Param]
-    valid_metric: str
-    bigger: bool
-    seed: int
-    out_dir: str
-    checkpoint_root: str  # each trial checkpoints into <checkpoint_root>/<name>/<trial id>
-    name: str
-    test_mode: str = "full"  # eval_args.mode of the test split
-
-
-@dataclass
-class Trial:
-    trial_id: str
-    params: dict
-    status: str  # finished, stopped (ASHA), failed
-    best_valid_score: float | None = None
-    epochs: int | None = None
-    seconds: float | None = None
-    valid_result: dict = field(default_factory=dict)
-    test_result: dict = field(default_factory=dict)
-    error: str = ""
-    node_ip: str = ""  # the Ray node that ran it (empty for hyperopt: the driver process)
-    node_id: str = ""
 
 
 def _absolute_paths(driver: Config) -> dict:
@@ -131,7 +84,8 @@ def prepare_sweep(model: str, dataset: str, space: str, config_files: list[str] 
         files.append(str(Path(path).resolve()))
     driver = Config(model, dataset, files, cmd_args=cmd_args)
     names = [p.name for p in params]
-    unknown = unknown_keys(driver, names)
+    known = driver.model_keys()
+    unknown = [name for name in names if name not in known]
     if unknown:
         raise UsageError(f"{space_file}: {unknown} not config keys of {model}")
     if search == "grid" and options.tool == "hyperopt" and any(p.kind != "choice" for p in params):
@@ -253,11 +207,11 @@ def run_sweep(model: str, dataset: str, space: str, config_files: list[str] | No
     start = time.perf_counter()
     try:
         if options.tool == "ray":
-            from recbole_speeder.experiments.ray_sweep import run_ray
+            from recbole_speeder.experiments.sweep.ray_tune import run_ray
 
             trials = run_ray(sweep, options)
         else:
-            from recbole_speeder.experiments.hyperopt_sweep import run_hyperopt
+            from recbole_speeder.experiments.sweep.hyperopt_tune import run_hyperopt
 
             trials = run_hyperopt(sweep, options, on_trial=lambda done: write_sweep_reports(sweep, done, options))
     except UsageError:

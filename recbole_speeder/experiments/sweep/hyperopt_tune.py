@@ -24,10 +24,10 @@ from functools import partial
 import numpy as np
 from recbole.trainer import HyperTuning
 
-from recbole_speeder.config import plain
+from recbole_speeder.config.snapshot import plain
 from recbole_speeder.experiments.runner import isolated_logging
-from recbole_speeder.experiments.search_space import Param, grid_size
-from recbole_speeder.experiments.tune import Sweep, SweepOptions, Trial
+from recbole_speeder.experiments.sweep.space import Param, grid_size
+from recbole_speeder.experiments.sweep.spec import Sweep, SweepOptions, Trial
 from recbole_speeder.quick_start import objective_function
 
 ALGOS = {"random": "random", "bayes": "bayes"}  # RecBole's names: rand.suggest, tpe.suggest

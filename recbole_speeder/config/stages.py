@@ -1,10 +1,9 @@
-"""MPO stage specs: which modalities are active, which parameter groups train, how history items enter the prompt,
-on how many users and on which loss, stage by stage.
+"""The grammar of ``mpo_stages``: which modalities are active and which parameter groups train, stage by stage.
 
 ``mpo_stages`` is a list of dicts (yaml, or a python literal on the command line) or a compact string
-``name:modalities:train:epochs:learning_rate:items:users:loss`` per stage, stages separated by ``,`` and list items
-by ``+``, e.g. ``words:text:all:1::text+tokens:0.1,full:all:all:10:5e-4``. Trailing or empty fields take their
-defaults. ``~`` means one stage of ``epochs`` that trains every group with every modality: RecBole's plain loop.
+``name:modalities:train:epochs:learning_rate`` per stage, stages separated by ``,`` and list items by ``+``, e.g.
+``text:text:mrc+spae+head:1,full:all:all:10:5e-4``. Trailing or empty fields take their defaults. ``~`` means one
+stage of ``epochs`` that trains every group with every modality: RecBole's plain loop.
 """
 
 from __future__ import annotations
@@ -13,13 +12,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from logging import getLogger
 
-from recbole_speeder.config_schema import ITEM_INPUTS, MODALITIES
+from recbole_speeder.config.choices import GROUPS, MODALITIES
 from recbole_speeder.errors import UsageError
 
-GROUPS = ("mrc", "spae", "head", "lora")
-STAGE_KEYS = ("name", "modalities", "train", "epochs", "learning_rate", "items", "users", "loss")
-# rank: the next-item loss (plus the alignment loss when align_loss_weight > 0); align: the alignment loss alone
-STAGE_LOSSES = ("rank", "align")
+STAGE_KEYS = ("name", "modalities", "train", "epochs", "learning_rate")
 ALL = "all"
 
 
@@ -30,9 +26,6 @@ class Stage:
     train: tuple[str, ...]
     epochs: int
     learning_rate: float
-    items: str | None = None  # how history items enter training prompts (ITEM_INPUTS); None: as the model serves
-    users: float = 1.0  # the fraction of training users (all their rows) the stage trains on, drawn with the seed
-    loss: str = "rank"  # what the stage minimises (STAGE_LOSSES)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "modalities": list(self.modalities), "train": list(self.train)}
@@ -48,7 +41,7 @@ def _split_list(text: str) -> list[str] | None:
 
 
 def parse_compact(text: str) -> list[dict]:
-    """``name:modalities:train:epochs:lr:items:users:loss`` stages separated by ``,``; list items joined by ``+``."""
+    """``name:modalities:train:epochs:lr`` stages separated by ``,``; list items joined by ``+``."""
     stages = []
     for index, chunk in enumerate(part for part in text.split(",") if part.strip()):
         fields = [f.strip() for f in chunk.split(":")]
@@ -64,7 +57,7 @@ def parse_compact(text: str) -> list[dict]:
                 spec[key] = _split_list(value)
             elif key == "epochs":
                 spec[key] = _number(value, int, index, key)
-            elif key in ("learning_rate", "users"):
+            elif key == "learning_rate":
                 spec[key] = _number(value, float, index, key)
             else:
                 spec[key] = value
@@ -102,7 +95,8 @@ def parse_stages(
     """Validated stages; ``modalities`` are the model's configured ones (defaults and the allowed set).
 
     A stage modality the model was not built with (e.g. ``image`` under ``modalities: [text, id]``) is dropped
-    with a warning, so one schedule serves every modality ablation; a stage left with none is an error.
+    with a warning, and a stage left with none is skipped, so one schedule serves every modality ablation (the
+    default's text stages under ``modalities: [id]``); a schedule left with no stage is an error.
     ``warn=False`` only checks: the config does so when it is built, the trainer warns when it runs.
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "~", "none", "null")):
@@ -121,17 +115,6 @@ def parse_stages(
         name = str(item.get("name") or f"stage{index}")
         wanted = _names(item.get("modalities"), index, "modalities", MODALITIES) or tuple(modalities)
         active = tuple(m for m in wanted if m in modalities)
-        if len(active) < len(wanted):
-            dropped = [m for m in wanted if m not in modalities]
-            if not active:
-                raise UsageError(
-                    f"mpo_stages stage '{name}': none of its modalities {list(wanted)} is configured "
-                    f"(modalities: {list(modalities)})"
-                )
-            if warn:
-                getLogger().warning(
-                    f"MPO stage '{name}': modalities {dropped} are not configured; the stage uses {active}"
-                )
         train = _names(item.get("train"), index, "train", GROUPS) or GROUPS
         stage_epochs = item.get("epochs", epochs)
         if isinstance(stage_epochs, bool) or not isinstance(stage_epochs, int) or stage_epochs < 1:
@@ -139,16 +122,14 @@ def parse_stages(
         lr = item.get("learning_rate", learning_rate)
         if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
             raise UsageError(f"mpo_stages stage '{name}': learning_rate must be a positive number, not {lr!r}")
-        items = item.get("items")
-        if items is not None and items not in ITEM_INPUTS:
-            raise UsageError(f"mpo_stages stage '{name}': items must be one of {', '.join(ITEM_INPUTS)}, not {items!r}")
-        users = item.get("users", 1.0)
-        if isinstance(users, bool) or not isinstance(users, int | float) or not 0 < users <= 1:
-            raise UsageError(f"mpo_stages stage '{name}': users must be a fraction > 0 and <= 1, not {users!r}")
-        loss = item.get("loss", "rank")
-        if loss not in STAGE_LOSSES:
-            raise UsageError(f"mpo_stages stage '{name}': loss must be one of {', '.join(STAGE_LOSSES)}, not {loss!r}")
-        stages.append(Stage(name, active, train, stage_epochs, float(lr), items, float(users), loss))
+        if len(active) < len(wanted) and warn:
+            dropped = [m for m in wanted if m not in modalities]
+            uses = f"the stage uses {list(active)}" if active else "the stage is skipped"
+            getLogger().warning(f"MPO stage '{name}': modalities {dropped} are not configured; {uses}")
+        if active:
+            stages.append(Stage(name, active, train, stage_epochs, float(lr)))
+    if not stages:
+        raise UsageError(f"mpo_stages: no stage has a configured modality (modalities: {list(modalities)})")
     names = [stage.name for stage in stages]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -10,7 +10,7 @@ shuffled copy's level has nothing for MRC to carry, whatever route it takes. Ref
 popularity (training interactions), MiniLM cosine similarity to the history (the text expert's input), and
 MiniLM plus each LLM's PMI (z-scores added within each list): does the LLM know anything MiniLM's vectors do not?
 
-    python bench/knowledge_probe.py --data_path=dataset/ --users=300 --backbones=smollm2,smollm2:shuffled
+    python research/knowledge_probe.py --data_path=dataset/ --users=300 --backbones=smollm2,smollm2:shuffled
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as run_recbole_speeder.py: before torch loads OpenMP
-if __package__ in (None, ""):  # `python bench/knowledge_probe.py` from a checkout: make the repository importable
+if __package__ in (None, ""):  # `python research/knowledge_probe.py` from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402

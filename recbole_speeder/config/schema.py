@@ -7,8 +7,9 @@ at the first bad one with a single line: ``mrc_tokens: expected an integer >= 1,
 other keys (``mpo_stages``, ``prompt_suffix``, ...) have a rule that runs once every key has passed its own check.
 
 ``tests/test_config_schema.py`` ties each declaration to the ``(type)`` tag of its yaml line, and
-``tests/test_docs.py`` to README's key tables. A new key is one line here plus its yaml line and README row.
-RecBole's own keys outside those files are left to RecBole (whose errors ``Config`` also shows as one line).
+``tests/test_docs.py`` to ``docs/configuration.md``, which ``python -m recbole_speeder.config.reference`` writes from
+both. A new key is one line here plus its yaml line. RecBole's own keys outside those files are left to RecBole
+(whose errors ``Config`` also shows as one line).
 """
 
 from __future__ import annotations
@@ -23,29 +24,29 @@ from typing import Any
 
 import yaml
 
+from recbole_speeder.config.choices import (
+    AUTOCAST_DTYPES,
+    BACKBONE_DTYPES,
+    BACKBONE_INITS,
+    CANDIDATE_NEGATIVES,
+    DIST_BACKENDS,
+    EVAL_CANDIDATES,
+    GENERATE_ANSWERS,
+    GENERATE_COPIES,
+    GENERATE_DECODERS,
+    GENERATE_LABELS,
+    GENERATE_SAMPLINGS,
+    GENERATE_VALIDITY,
+    ITEM_REPRS,
+    LR_SCHEDULERS,
+    MODALITIES,
+    PREDICT_MODES,
+    ROUTERS,
+    SIMILARITIES,
+    TITLE_SCORES,
+)
+from recbole_speeder.config.stages import parse_stages
 from recbole_speeder.errors import UsageError
-
-MODALITIES = ("text", "image", "id")
-ROUTERS = ("learned", "uniform")
-ITEM_REPRS = ("mrc", "text")
-ITEM_INPUTS = ("tokens", "text", "text+tokens")  # how an MPO stage gives history items to the LLM (``items``)
-SIMILARITIES = ("cos", "dot")
-BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
-BACKBONE_INITS = ("pretrained", "shuffled", "random")
-TEXT_ENCODERS = ("minilm", "backbone")
-AUTOCAST_DTYPES = ("auto", "bfloat16", "float16", "float32")
-LR_SCHEDULERS = ("constant", "linear", "cosine")
-DIST_BACKENDS = ("gloo", "nccl")
-PREDICT_MODES = ("score", "generate")
-GENERATE_DECODERS = ("constrained", "free")
-GENERATE_LABELS = ("letters", "numbers")
-GENERATE_ANSWERS = ("label", "item")
-GENERATE_COPIES = ("none", "bias", "pointer")
-GENERATE_SAMPLINGS = ("uniform", "popularity")
-TITLE_SCORES = ("mean", "sum")
-EVAL_CANDIDATES = ("seeded", "recbole")
-CANDIDATE_NEGATIVES = ("exclude_history", "recbole")
-GENERATE_VALIDITY = ("exact", "llara")
 
 Rule = Callable[[Any, Mapping[str, Any]], None]
 _NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("True or False", "booleans"),
@@ -190,35 +191,8 @@ def cli_type(key: Key) -> Callable[[str], Any]:
 
 # ---------------------------------------------------------------------------------------------- rules
 def _stages_rule(value: Any, config: Mapping[str, Any]) -> None:
-    from recbole_speeder.trainer.stages import parse_stages  # the stage grammar lives with the trainer
-
-    stages = parse_stages(value, epochs=config["epochs"], learning_rate=config["learning_rate"],
-                          modalities=config["modalities"], warn=False)
-    aligning = [stage.name for stage in stages if stage.loss == "align"]
-    if aligning:
-        _needs_soft_tokens(f"mpo_stages: stage(s) {aligning} train on the alignment of MRC soft tokens (loss: align)",
-                           config)
-
-
-def _align_rule(value: float, config: Mapping[str, Any]) -> None:
-    if value:
-        _needs_soft_tokens("align_loss_weight aligns MRC soft tokens", config)
-
-
-def _needs_soft_tokens(what: str, config: Mapping[str, Any]) -> None:
-    if config["item_repr"] != "mrc":
-        raise UsageError(f"{what}: it needs item_repr: mrc, got {config['item_repr']!r}")
-
-
-def _hides_id_expert(name: str) -> Rule:
-    """A rule for a key that only hides MRC's ID expert: without one it would change nothing, silently."""
-    def rule(value: float, config: Mapping[str, Any]) -> None:
-        if value:
-            _needs_soft_tokens(f"{name} hides MRC's ID expert", config)
-            if "id" not in config["modalities"]:
-                raise UsageError(f"{name} hides MRC's ID expert: it needs 'id' in modalities, "
-                                 f"got {config['modalities']}")
-    return rule
+    parse_stages(value, epochs=config["epochs"], learning_rate=config["learning_rate"],
+                 modalities=config["modalities"], warn=False)
 
 
 def _suffix_rule(value: str, config: Mapping[str, Any]) -> None:
@@ -284,7 +258,6 @@ SCHEMA: dict[str, Key] = {
     "item_repr": Key(str, choices=ITEM_REPRS),
     "item_text_fields": Key(list),
     "max_item_text_tokens": Key(int, minimum=1),
-    "text_encoder": Key(str, choices=TEXT_ENCODERS),
     "text_feature_file": Key(str, optional=True),
     "image_feature_file": Key(str, optional=True),
     "feature_cache_dir": Key(str, optional=True),
@@ -294,8 +267,6 @@ SCHEMA: dict[str, Key] = {
     "router": Key(str, choices=ROUTERS),
     "mrc_dropout": Key(float, minimum=0, below=1),
     "id_embedding_dim": Key(int, minimum=1),
-    "id_min_interactions": Key(int, minimum=0, rule=_hides_id_expert("id_min_interactions")),
-    "id_dropout": Key(float, minimum=0, below=1, rule=_hides_id_expert("id_dropout")),
     "item_chunk_size": Key(int, minimum=1),
     "spae_absolute": Key(bool),
     "spae_relative": Key(bool),
@@ -317,7 +288,7 @@ SCHEMA: dict[str, Key] = {
     "head_dropout": Key(float, minimum=0, below=1),
     "train_all_positions": Key(bool),
     "mpo_stages": Key((list, str), optional=True, item=dict, rule=_stages_rule,
-                      phrase="a list of stage dicts or a name:modalities:train:epochs:lr:items:users:loss,... string"),
+                      phrase="a list of stage dicts or a name:modalities:train:epochs:lr,... string"),
     "lr_scheduler": Key(str, choices=LR_SCHEDULERS),
     "warmup_steps": Key(int, minimum=0),
     "checkpoint_every_steps": Key(int, minimum=0),
@@ -339,8 +310,6 @@ SCHEMA: dict[str, Key] = {
     "generate_title_score": Key(str, choices=TITLE_SCORES),
     "generate_validity": Key(str, choices=GENERATE_VALIDITY),
     "generate_score_loss_weight": Key(float, minimum=0),
-    "align_loss_weight": Key(float, minimum=0, rule=_align_rule),
-    "align_items_per_step": Key(int, minimum=1),
 }
 
 

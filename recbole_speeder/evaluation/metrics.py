@@ -1,7 +1,7 @@
 """Generative-evaluation metrics, registered in RecBole's metric registry: ``VHR``, ``ValidRatio``, ``HR``.
 
 MLLM recommenders (LLaRA, A-LLMRec, Speeder) answer with one candidate, or with text that names none; RecBole's
-metrics only see a ranking. The answer reaches the evaluator as scores (``model/generative.py``): the chosen
+metrics only see a ranking. The answer reaches the evaluator as scores (``model/generative/``): the chosen
 candidate on top, and an answer naming no candidate as a row without any finite score. RecBole would rank such a
 row by an arbitrary tie-break, so a lucky invalid answer could hit; :func:`rank_invalid_last` (``SpeederTrainer``
 applies it to every evaluation batch) puts the true item below every other item instead: an invalid answer is a

@@ -1,0 +1,22 @@
+"""The named values config keys choose from: a leaf module, so model, trainer and config code can share them."""
+
+MODALITIES = ("text", "image", "id")
+ROUTERS = ("learned", "uniform")
+ITEM_REPRS = ("mrc", "text")
+SIMILARITIES = ("cos", "dot")
+BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
+BACKBONE_INITS = ("pretrained", "shuffled", "random")
+AUTOCAST_DTYPES = ("auto", "bfloat16", "float16", "float32")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+DIST_BACKENDS = ("gloo", "nccl")
+PREDICT_MODES = ("score", "generate")
+GENERATE_DECODERS = ("constrained", "free")
+GENERATE_LABELS = ("letters", "numbers")
+GENERATE_ANSWERS = ("label", "item")
+GENERATE_COPIES = ("none", "bias")
+GENERATE_SAMPLINGS = ("uniform", "popularity")
+TITLE_SCORES = ("mean", "sum")
+EVAL_CANDIDATES = ("seeded", "recbole")
+CANDIDATE_NEGATIVES = ("exclude_history", "recbole")
+GENERATE_VALIDITY = ("exact", "llara")
+GROUPS = ("mrc", "spae", "head", "lora")  # the parameter groups an MPO stage can train
