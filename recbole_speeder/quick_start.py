@@ -19,6 +19,7 @@ from recbole_speeder.config.snapshot import replayable_config
 from recbole_speeder.errors import UsageError
 from recbole_speeder.evaluation.protocol import (
     evaluate_test,
+    exclude_history,
     sample_eval_users,
     seed_eval_candidates,
     tag_results_with_protocol,
@@ -88,6 +89,7 @@ def build_data_and_model(config) -> tuple[object, tuple, torch.nn.Module]:
     train_data, valid_data, test_data = data_preparation(config, data)
     valid_data, test_data = sample_eval_users(config, valid_data, test_data)
     seed_eval_candidates(config, valid_data, test_data)
+    valid_data, test_data = exclude_history(config, data, valid_data, test_data)
     loaders = (train_data, valid_data, test_data)
     seed_run(config["seed"] + config["local_rank"], config["reproducibility"])
     recommender = get_model(config["model"])(config, loaders[0]._dataset).to(config["device"])

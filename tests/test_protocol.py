@@ -104,6 +104,10 @@ def evaluate_scores(config, scores: torch.Tensor, positives: torch.Tensor) -> di
     return Evaluator(config).evaluate(collector.get_data_struct())
 
 
+def floats(result) -> dict[str, float]:
+    return {key: float(value) for key, value in result.items()}
+
+
 def candidate_lists(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> set[tuple[int, tuple[int, ...]]]:
     """(user, sorted candidate ids) for every user of every recorded ``predict`` call."""
     lists = set()
@@ -345,20 +349,63 @@ def test_every_model_scores_the_same_candidates_and_constrained_answers_are_all_
     assert speeder["test_result_full"]["validratio"] == 1.0  # full ranking beside: top-20 retrieved, then answered
 
 
-def test_sasrec_uni19_through_the_run_script_equals_recbole_own_run(toy_dict, monkeypatch, tmp_path):
+@pytest.mark.parametrize("mode", ["uni19", "full"])
+def test_sasrec_through_the_run_script_equals_recbole_own_run(toy_dict, monkeypatch, tmp_path, mode):
+    """With the plugin's protocol switches at RecBole's behaviour (eval_exclude_history off by default)."""
     from recbole.quick_start import run_recbole
 
     monkeypatch.chdir(tmp_path)
     # the same settings for both: the plugin's overall.yaml (e.g. train_neg_sample_args: ~), then the toy protocol
     overall = yaml.safe_load((Path(__file__).resolve().parents[1] / "properties" / "overall.yaml").read_text())
     same = {**overall, **toy_dict, "eval_candidates": "recbole", "candidate_negatives": "recbole",
-            "metrics": ["Hit", "NDCG", "MRR"]}
+            "metrics": ["Hit", "NDCG", "MRR"], "eval_args": {**toy_dict["eval_args"], "mode": mode}}
     ours = run_recbole_speeder("SASRec", DATASET, config_dict=same, saved=False)
     monkeypatch.setattr(sys, "argv", ["run_recbole"])  # RecBole's Config parses --key=value flags from sys.argv
     theirs = run_recbole("SASRec", DATASET, config_dict=same, saved=False)
     assert ours["test_result"]["hit@1"] == theirs["test_result"]["hit@1"]
     assert dict(ours["test_result"]) == dict(theirs["test_result"])
     assert dict(ours["best_valid_result"]) == dict(theirs["best_valid_result"])
+
+
+def test_eval_exclude_history_never_ranks_a_seen_item(toy_root, toy_dict, monkeypatch, tmp_path):
+    """Every valid and test row loses exactly the items its user saw before the evaluated one (the evaluated item
+    itself never), read beyond the MAX_ITEM_LIST_LENGTH window; scores there are -inf for any model, and each
+    user's rank can only improve against the same model ranking every item."""
+    from recbole_speeder.evaluation.protocol import exclude_history
+    from recbole_speeder.quick_start import load_model
+    from recbole_speeder.utils import get_trainer
+
+    full = {**toy_dict, "eval_args": {**toy_dict["eval_args"], "mode": "full"}, "eval_exclude_history": True}
+    config = Config("SASRec", DATASET, config_dict=full)
+    data = create_dataset(config)
+    _, valid, test = exclude_history(config, data, *data_preparation(config, data))
+    sequences = raw_sequences(toy_root)
+    assert LENGTH - 2 > config["MAX_ITEM_LIST_LENGTH"]  # the valid row's history is longer than its window
+    for loader, back in ((valid, 2), (test, 1)):
+        for interaction, (rows, items), _, positive_i in loader:
+            for row in range(len(interaction)):
+                user = sequences[data.id2token("user_id", int(interaction["user_id"][row]))]
+                target = data.id2token("item_id", int(positive_i[row]))
+                assert target == user[-back]
+                expected = set(user[:-back]) - {target}
+                assert set(data.id2token("item_id", items[rows == row].numpy())) == expected
+
+    monkeypatch.chdir(tmp_path)
+    trained = run_recbole_speeder("SASRec", DATASET, config_dict=full)
+    assert "each user's history items excluded" in trained["eval_protocol"]
+    config, model, _, _, _, test = load_model(trained["checkpoint"])
+    trainer = get_trainer(config["MODEL_TYPE"], "SASRec")(config, model)
+    excluded = trainer.evaluate(test, load_best_model=False)
+    assert floats(excluded) == floats(trained["test_result"])
+    batch = next(iter(test))
+    with torch.no_grad():
+        _, scores, positive_u, positive_i = trainer._full_sort_batch_eval(batch)
+    rows, items = batch[1]
+    assert len(items) and torch.isinf(scores[rows, items]).all()
+    assert torch.isfinite(scores[positive_u, positive_i]).all()
+    config, model, _, _, _, test = load_model(trained["checkpoint"], {"eval_exclude_history": False})
+    every = get_trainer(config["MODEL_TYPE"], "SASRec")(config, model).evaluate(test, load_best_model=False)
+    assert all(excluded[k] >= every[k] for k in every) and any(excluded[k] > every[k] for k in every)
 
 
 def test_retest_reproduces_a_runs_test_and_tests_the_checkpoint_under_other_keys(toy_dict, tmp_path, monkeypatch,

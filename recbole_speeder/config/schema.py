@@ -240,6 +240,7 @@ SCHEMA: dict[str, Key] = {
     "eval_candidates": Key(str, choices=EVAL_CANDIDATES),
     "candidate_negatives": Key(str, choices=CANDIDATE_NEGATIVES),
     "eval_full_beside": Key(bool),
+    "eval_exclude_history": Key(bool),
     "eval_users": Key(int, optional=True, minimum=1),
     # properties/dataset/<Dataset>.yaml: preparing missing Amazon data
     "raw_dir": Key(str, optional=True),

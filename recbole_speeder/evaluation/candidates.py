@@ -50,8 +50,8 @@ def row_histories(full, evaluated) -> list[np.ndarray]:
     """The history (sorted distinct item ids) of every row of ``evaluated``, from ``full``: all rows of all users."""
     if full.time_field is None or full.time_field not in full.inter_feat:
         raise UsageError(
-            "candidate_negatives: exclude_history needs the dataset's time field to know each user's history: "
-            "load it, or set candidate_negatives: recbole"
+            "each user's history is read from the dataset's time field (candidate_negatives: exclude_history, "
+            "eval_exclude_history: True): load it, or set candidate_negatives: recbole and eval_exclude_history: False"
         )
     users, items, times = (full.inter_feat[f].numpy() for f in (full.uid_field, full.iid_field, full.time_field))
     order = np.lexsort((times, users))

@@ -1,4 +1,4 @@
-"""The evaluation protocol around RecBole's trainer: seeded candidate lists, protocol tags, cost, full ranking.
+"""The evaluation protocol around RecBole's trainer: seeded candidate lists, seen items, protocol tags, cost.
 
 RecBole's sampled modes (``eval_args.mode: uni19`` / ``pop19``: the true item plus 19 uniform or popularity
 negatives) draw the negatives from the global numpy RNG while a batch is collated, so which candidates a user
@@ -7,6 +7,11 @@ gets depends on everything that consumed that RNG before (epochs run, validation
 else: every model, epoch and batch size sees the same 20 candidates per user, and the global RNG is untouched.
 ``eval_candidates: recbole`` keeps RecBole's own draws (what ``run_recbole`` would do). Which items may be
 negatives is ``candidate_negatives`` (``candidates.py``): LLaRA's rule by default, or RecBole's sampler as it is.
+
+Full ranking of a sequential model ranks every item, the user's own history included (RecBole's behaviour);
+``eval_exclude_history: True`` removes each evaluated row's history items from the ranking, as RecBole does for
+general models and as the field's sequential benchmarks do (``filter_viewed``), for every model the run script
+trains: it is the loader, not the model, that carries the items to remove.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoa
 from recbole.utils import set_color
 
 from recbole_speeder.errors import UsageError
-from recbole_speeder.evaluation.candidates import HistoryExcludingSampler
+from recbole_speeder.evaluation.candidates import HistoryExcludingSampler, row_histories
 
 PHASE_IDS = {"train": 0, "valid": 1, "test": 2}
 
@@ -71,12 +76,46 @@ def recbole_sampler(loader):
     return sampler
 
 
+class HistoryExcludingFullSortLoader(FullSortEvalDataLoader):
+    """Full ranking without each row's history items (``eval_exclude_history``): every item the user interacted
+    with before the evaluated one (``candidates.row_histories``), never the evaluated item itself. Its batches carry
+    them as RecBole's ``history_index``, whose scores RecBole's trainer sets to ``-inf``, as for general models."""
+
+    def __init__(self, config, evaluated, sampler, full):
+        histories = row_histories(full, evaluated)
+        targets = evaluated.inter_feat[evaluated.iid_field].numpy()
+        self.histories = [history[history != target] for history, target in zip(histories, targets, strict=True)]
+        super().__init__(config, evaluated, sampler, shuffle=False)
+
+    def collate_fn(self, index):
+        interaction, _, positive_u, positive_i = super().collate_fn(index)
+        histories = [torch.from_numpy(self.histories[row]) for row in np.asarray(index).tolist()]
+        rows = torch.repeat_interleave(torch.arange(len(histories)), torch.tensor([len(h) for h in histories]))
+        items = torch.cat(histories) if histories else torch.zeros(0, dtype=torch.long)
+        return interaction, (rows, items.long()), positive_u, positive_i
+
+
+def exclude_history(config, full, *loaders) -> tuple:
+    """The loaders, their sequential full-ranking ones without each row's history items when
+    ``eval_exclude_history`` asks for it; ``full`` is the whole dataset, which holds every user's history."""
+    if not config["eval_exclude_history"]:
+        return loaders
+    return tuple(
+        HistoryExcludingFullSortLoader(config, loader._dataset, loader._sampler, full)
+        if type(loader) is FullSortEvalDataLoader and loader.is_sequential else loader
+        for loader in loaders
+    )
+
+
 def full_ranking_loader(config, loader):
     """The loader's users under full ranking: the loader itself, or a full-ranking loader over its split when it
-    samples candidate lists."""
+    samples candidate lists (without history items under ``eval_exclude_history``)."""
     if not is_sampled(loader):
         return loader
-    return FullSortEvalDataLoader(config, loader._dataset, recbole_sampler(loader))
+    sampler = recbole_sampler(loader)
+    full = FullSortEvalDataLoader(config, loader._dataset, sampler)
+    (full,) = exclude_history(config, sampler.dataset, full)
+    return full
 
 
 def check_list_batches(config) -> None:
@@ -144,6 +183,8 @@ def describe_protocol(config, phase: str = "test", full: bool = False) -> str:
     mode = config["predict_mode"] or "score"
     if n is None:
         candidates = "full ranking of all items"
+        if config["eval_exclude_history"]:
+            candidates += ", each user's history items excluded"
         if mode == "generate":
             candidates += f" (the score head's top {config['generate_candidates']} are listed to the LLM)"
     else:
