@@ -35,9 +35,10 @@ def format_number(value: float) -> str:
 
 
 def write_table(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> Path:
-    """Write to ``<path>.tmp`` then rename, so a crash never leaves a half-written atomic file."""
+    """Write to ``<path>.<pid>.tmp`` then rename, so a crash never leaves a half-written atomic file and processes
+    preparing the same dataset (the first rank of each node, on shared storage) never mix their bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as handle:
         handle.write("\t".join(header) + "\n")
         csv.writer(handle, **_DIALECT).writerows(rows)

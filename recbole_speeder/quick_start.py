@@ -25,6 +25,7 @@ from recbole_speeder.evaluation.protocol import (
     tag_results_with_protocol,
 )
 from recbole_speeder.trainer.checkpoint_file import read_checkpoint
+from recbole_speeder.trainer.distributed import node_main_process_first, torchrun_launch
 from recbole_speeder.trainer.rng import seed_run
 from recbole_speeder.trainer.weights import load_trainable
 from recbole_speeder.utils import create_dataset, get_model, get_trainer
@@ -49,7 +50,14 @@ def run(
     group_offset: int = 0,
     cmd_args: list[str] | None = None,
 ) -> dict | None:
-    """One process, or ``nproc`` spawned ranks (RecBole's distributed path); returns rank 0's result."""
+    """One process, one rank of a ``torchrun`` launch, or ``nproc`` spawned ranks (RecBole's distributed path);
+    returns this process's result (rank 0's for spawned ranks)."""
+    launch = torchrun_launch()
+    if launch is not None:
+        if nproc != 1 or world_size > 0:
+            raise UsageError("torchrun starts the processes: drop --nproc / --world_size")
+        config_dict = {**(config_dict or {}), **launch}
+        return run_recbole_speeder(model, dataset, config_file_list, config_dict, saved, cmd_args=cmd_args)
     if nproc == 1 and world_size <= 0:
         return run_recbole_speeder(model, dataset, config_file_list, config_dict, saved, cmd_args=cmd_args)
     import torch.multiprocessing as mp
@@ -62,7 +70,6 @@ def run(
     )
     Config(model, dataset, config_file_list, config_dict, cmd_args=cmd_args)  # a bad value: one line, not one per rank
     kwargs = {"config_dict": config_dict, "queue": queue, "cmd_args": cmd_args, "saved": saved}
-    os.makedirs(os.path.join("log", model), exist_ok=True)  # RecBole's init_logger creates it racily in every rank
     mp.spawn(_run_rank, args=(model, dataset, config_file_list, kwargs), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()
 
@@ -76,6 +83,7 @@ def start_logging(config) -> None:
     """Seed and open RecBole's log for a run; every result line names its evaluation protocol."""
     keep_freed_memory(config["keep_freed_memory"])
     seed_run(config["seed"], config["reproducibility"])
+    os.makedirs(os.path.join("log", str(config["model"])), exist_ok=True)  # RecBole's init_logger races between ranks
     init_logger(config)
     tag_results_with_protocol(config)
 
@@ -84,7 +92,8 @@ def build_data_and_model(config) -> tuple[object, tuple, torch.nn.Module]:
     """The dataset, its split loaders (seeded candidate lists) and the model, as RecBole's quick start builds them."""
     logger = getLogger()
     logger.info(config)
-    data = create_dataset(config)
+    with node_main_process_first(config["local_rank"]):  # one process per node prepares the data
+        data = create_dataset(config)
     logger.info(data)
     train_data, valid_data, test_data = data_preparation(config, data)
     valid_data, test_data = sample_eval_users(config, valid_data, test_data)
@@ -92,7 +101,8 @@ def build_data_and_model(config) -> tuple[object, tuple, torch.nn.Module]:
     valid_data, test_data = exclude_history(config, data, valid_data, test_data)
     loaders = (train_data, valid_data, test_data)
     seed_run(config["seed"] + config["local_rank"], config["reproducibility"])
-    recommender = get_model(config["model"])(config, loaders[0]._dataset).to(config["device"])
+    with node_main_process_first(config["local_rank"]):  # ... and encodes the item features it caches
+        recommender = get_model(config["model"])(config, loaders[0]._dataset).to(config["device"])
     logger.info(recommender)
     return data, loaders, recommender
 

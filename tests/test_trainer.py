@@ -35,6 +35,7 @@ from recbole_speeder.model import Speeder
 from recbole_speeder.quick_start import load_speeder, run, run_recbole_speeder
 from recbole_speeder.trainer import CheckpointError, NonFiniteLossError, SpeederTrainer
 from recbole_speeder.trainer.checkpoint_file import read_checkpoint, write_checkpoint
+from recbole_speeder.trainer.distributed import node_main_process_first
 from recbole_speeder.trainer.rng import seed_run
 from recbole_speeder.trainer.weights import trainable_named_parameters
 from recbole_speeder.utils import create_dataset
@@ -636,3 +637,43 @@ def test_two_gloo_processes_match_one_process(toy, tmp_path):
     for key, value in one["test_result"].items():
         assert two["test_result"][key] == pytest.approx(float(value), abs=1 / 40 + 1e-6), key
     assert len(list((tmp_path / "two").glob("*.safetensors"))) == 2  # rank 0 alone wrote best + resume
+
+
+def _prepare_in_order(rank: int, folder: Path, port: str) -> None:
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://localhost:{port}")
+    with node_main_process_first(rank):
+        seen = (folder / "prepared").exists()
+        if rank == 0:
+            time.sleep(0.5)  # a slow preparation: rank 1 must wait for it
+            (folder / "prepared").write_text("done")
+    (folder / f"rank{rank}").write_text(str(seen))
+    torch.distributed.destroy_process_group()
+
+
+def test_the_first_process_of_a_node_prepares_before_the_others_read(tmp_path):
+    torch.multiprocessing.spawn(_prepare_in_order, args=(tmp_path, free_port()), nprocs=2)
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["False", "True"]
+
+
+def test_torchrun_runs_the_run_script_as_two_gloo_ranks_that_match_one_process(toy, tmp_path):
+    """``torchrun --nproc_per_node=2`` on the unchanged command line: the ranks read torchrun's environment and join
+    its store; the result matches one process as the spawned ranks' does."""
+    settings = {"mpo_stages": "text:text:mrc+spae+head:1,full:all:all:1", "shuffle": False, "mrc_dropout": 0.0,
+                "head_dropout": 0.0, "lora_dropout": 0.0, "dist_backend": "gloo"}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(toy_config(toy, tmp_path / "two", **settings)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         str(REPO / "run_recbole_speeder.py"), "--model=Speeder", f"--dataset={DATASET}",
+         f"--config_files={config_file}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in (done.stdout + done.stderr).splitlines() if "test result" in line]  # rank 0's
+    two = {key: float(value) for key, value in re.findall(r"'([\w@]+)'(?:: |, np\.float64\()([0-9.e+-]+)", line)}
+    one = run_recbole_speeder("Speeder", DATASET, config_dict=toy_config(toy, tmp_path / "one", **settings))
+    assert set(two) == set(one["test_result"])
+    for key, value in one["test_result"].items():
+        assert two[key] == pytest.approx(float(value), abs=1 / 40 + 1e-6), key
+    assert len(list((tmp_path / "two").glob("*.safetensors"))) == 2

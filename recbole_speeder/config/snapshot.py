@@ -8,7 +8,8 @@ import numpy as np
 
 # Keys that belong to one launch (resuming, distributed ranks, the device), not to what a run computes: replays of a
 # run (checkpoints, retests) and sweeps' trials leave them out.
-LAUNCH_KEYS = ("resume", "local_rank", "world_size", "nproc", "ip", "port", "offset", "gpu_id", "use_gpu")
+LAUNCH_KEYS = ("resume", "local_rank", "world_size", "nproc", "ip", "port", "offset", "init_method", "gpu_id",
+               "use_gpu")
 
 
 def plain(value: Any) -> Any:

@@ -57,7 +57,9 @@ def source_hash(items: list[str]) -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Write beside ``path`` under this process's own name, then rename: processes writing the same file (ranks of
+    nodes sharing storage) never mix their bytes, and a reader never sees half a file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
         write(handle)
         handle.flush()

@@ -1,15 +1,19 @@
-"""``--nproc`` / ``--world_size`` runs: process group setup, the few collectives the trainer needs, and its DDP wrapper.
+"""Multi-process runs (``torchrun``, or ``--nproc`` / ``--world_size``): process group setup, the few collectives
+the trainer needs, and its DDP wrapper.
 
 RecBole 1.2.1's ``Config._init_device`` hard-codes the NCCL backend, puts every rank on ``cuda:<local_rank>``
 and asserts one listed GPU per process, so a CPU run (or one GPU per node-local rank on gloo) cannot start.
 ``init_distributed_device`` replaces that branch: ``dist_backend`` picks the backend (~ = nccl when ranks get
-GPUs, gloo otherwise). Every helper here is a no-op without a process group, so a plain run never calls
-``barrier()`` or any other collective.
+GPUs, gloo otherwise). Under ``torchrun`` the ranks join the launcher's store (``init_method: env://``); RecBole's
+own path (``--nproc``) starts a TCP store at ``ip:port``. Every helper here is a no-op without a process group, so a
+plain run never calls ``barrier()`` or any other collective.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -33,11 +37,14 @@ def init_distributed_device(config_dict: dict) -> None:
         raise UsageError("dist_backend=nccl needs GPUs (use_gpu and a gpu_id); use gloo on CPU")
     if use_cuda and len(gpu_id.split(",")) < nproc:
         raise UsageError(f"nproc={nproc} needs {nproc} GPUs in gpu_id, got '{gpu_id}'")
+    init_method = config_dict.get("init_method") or (
+        f"tcp://{config_dict.get('ip') or 'localhost'}:{config_dict.get('port') or 5678}"
+    )
     dist.init_process_group(
         backend=backend,
         rank=local_rank + int(config_dict.get("offset") or 0),
         world_size=int(config_dict["world_size"]),
-        init_method=f"tcp://{config_dict.get('ip') or 'localhost'}:{config_dict.get('port') or 5678}",
+        init_method=init_method,
     )
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -47,6 +54,22 @@ def init_distributed_device(config_dict: dict) -> None:
         config_dict["state"] = "error"
         config_dict["show_progress"] = False
         config_dict["verbose"] = False
+
+
+def torchrun_launch() -> dict | None:
+    """The launch keys of a process that ``torchrun`` started in a group of several (its environment: RANK,
+    LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), or None for any other process."""
+    env = os.environ
+    if "LOCAL_RANK" not in env or int(env.get("WORLD_SIZE", "1")) < 2:
+        return None
+    local_rank = int(env["LOCAL_RANK"])
+    return {
+        "local_rank": local_rank,
+        "world_size": int(env["WORLD_SIZE"]),
+        "nproc": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+        "offset": int(env.get("RANK", local_rank)) - local_rank,
+        "init_method": "env://",  # torchrun's agent holds the store at MASTER_ADDR:MASTER_PORT
+    }
 
 
 def is_distributed() -> bool:
@@ -61,6 +84,18 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+@contextmanager
+def node_main_process_first(local_rank: int) -> Iterator[None]:
+    """The first process of each node runs the block before the others: it prepares the data and encodes the item
+    features once, and the others read what it wrote (each node does it, in case nodes share no storage)."""
+    first = local_rank == 0
+    if is_distributed() and not first:
+        barrier()
+    yield
+    if is_distributed() and first:
+        barrier()
 
 
 def broadcast_object(obj):
