@@ -343,3 +343,53 @@ def test_control_backbones_train_and_score(tiny_config, init):
     with torch.no_grad():
         scores = model.full_sort_predict(batch)
     assert torch.isfinite(scores[:, 1:]).all()
+
+
+# ---------------------------------------------------------------------------------------------- sampled softmax
+def test_a_sampled_softmax_over_every_item_is_the_full_softmax(tiny_config):
+    """Shared negatives that are the whole catalogue (each once, the target masked out) give the full softmax's
+    loss and gradients: the sampled path scores, corrects and masks as it should."""
+    model, train, _ = build(tiny_config(sampled_softmax_negatives=4, autocast_dtype="float32"))
+    model.eval()  # no dropout: the same forward both ways
+    batch = first_batch(train)
+    model.negatives.draw = lambda device: torch.arange(1, model.n_items, device=device)
+    losses, grads = [], []
+    for negatives in (model.negatives, None):
+        model.negatives = negatives
+        model.zero_grad()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_a_sampled_softmax_step_computes_only_the_items_it_touches(tiny_config):
+    model, train, _ = build(tiny_config(sampled_softmax_negatives=8))
+    batch = first_batch(train)
+    items_seen = []
+    hook = model.mrc.register_forward_pre_hook(lambda _module, inputs: items_seen.append(inputs[0].numel()))
+    model.calculate_loss(batch).backward()
+    hook.remove()
+    touched = torch.cat([batch[model.ITEM_SEQ].flatten(), batch[model.POS_ITEM_ID]]).unique()
+    assert items_seen == [items_seen[0]] and len(touched) <= items_seen[0] <= len(touched) + 8 < model.n_items
+    id_rows = model.mrc.experts["id"].embedding.weight.grad.abs().sum(dim=1) > 0
+    assert id_rows.sum() <= items_seen[0] and id_rows[touched[touched > 0]].all()
+    with pytest.raises(UsageError, match="sampled_softmax_negatives .* needs predict_mode: score"):
+        tiny_config(sampled_softmax_negatives=8, predict_mode="generate")
+
+
+def test_popularity_negatives_follow_the_training_counts_and_correct_by_their_log_probability():
+    from recbole_speeder.model.scoring import SharedNegatives
+
+    counts = np.array([0, 10, 0, 30, 60])  # item 0 is padding, item 2 never trained on
+    negatives = SharedNegatives(20_000, "popularity", counts)
+    torch.manual_seed(0)
+    drawn = torch.bincount(negatives.draw(torch.device("cpu")), minlength=5).float() / 20_000
+    assert drawn[0] == drawn[2] == 0 and torch.allclose(drawn[[1, 3, 4]], torch.tensor([0.1, 0.3, 0.6]), atol=0.02)
+    assert torch.allclose(negatives.log_q[[1, 3, 4]], torch.log(torch.tensor([0.1, 0.3, 0.6])))
+    uniform = SharedNegatives(1000, "uniform", counts)
+    assert set(uniform.draw(torch.device("cpu")).tolist()) == {1, 2, 3, 4}

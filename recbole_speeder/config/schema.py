@@ -40,6 +40,7 @@ from recbole_speeder.config.choices import (
     ITEM_REPRS,
     LR_SCHEDULERS,
     MODALITIES,
+    NEGATIVE_DISTRIBUTIONS,
     PREDICT_MODES,
     ROUTERS,
     SIMILARITIES,
@@ -201,6 +202,12 @@ def _suffix_rule(value: str, config: Mapping[str, Any]) -> None:
                          f"its item; set train_all_positions: False), got {value!r}")
 
 
+def _sampled_rule(value: int, config: Mapping[str, Any]) -> None:
+    if value and config["predict_mode"] != "score":
+        raise UsageError(f"sampled_softmax_negatives trains score mode's ranking: it needs predict_mode: score, got "
+                         f"{config['predict_mode']!r}")
+
+
 def _metrics_rule(value: list, config: Mapping[str, Any]) -> None:
     from recbole.evaluator.register import metric_types  # RecBole's registry, the plugin's metrics added
 
@@ -288,6 +295,8 @@ SCHEMA: dict[str, Key] = {
     "temperature": Key(float, above=0),
     "head_dropout": Key(float, minimum=0, below=1),
     "train_all_positions": Key(bool),
+    "sampled_softmax_negatives": Key(int, minimum=0, rule=_sampled_rule),
+    "sampled_softmax_distribution": Key(str, choices=NEGATIVE_DISTRIBUTIONS),
     "mpo_stages": Key((list, str), optional=True, item=dict, rule=_stages_rule,
                       phrase="a list of stage dicts or a name:modalities:train:epochs:lr,... string"),
     "lr_scheduler": Key(str, choices=LR_SCHEDULERS),

@@ -1,4 +1,5 @@
-"""Speeder's RecBole dataset: the standard sequential one, with training windows that tile each history."""
+"""Speeder's RecBole dataset: the standard sequential one, with training windows that tile each history and each
+item's training interactions counted before the tiling drops rows (popularity-sampled negatives)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def item_interaction_counts(dataset: SequentialDataset) -> np.ndarray:
 class SpeederDataset(SequentialDataset):
     def build(self):
         datasets = super().build()
+        train = datasets[0]
+        train.item_train_counts = item_interaction_counts(train)  # copies of the split keep it
         if not self.config["train_all_positions"]:
             return datasets
-        train = datasets[0]
         users = train.inter_feat[train.uid_field].numpy()
         keep = tiling_window_index(users, self.config["MAX_ITEM_LIST_LENGTH"])
         self.logger.info(

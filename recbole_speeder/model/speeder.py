@@ -27,7 +27,7 @@ from recbole_speeder.model.generative import GenerativeAnswerer
 from recbole_speeder.model.mrc import MixtureOfModalityExperts
 from recbole_speeder.model.prompt import Prompt, PromptBuilder
 from recbole_speeder.model.runtime import Runtime, distinct_histories, outside_inference_mode
-from recbole_speeder.model.scoring import ScoreHead, next_item_targets
+from recbole_speeder.model.scoring import ScoreHead, SharedNegatives, next_item_targets, sampled_softmax_loss
 from recbole_speeder.model.spae import SequentialPositionAwareness
 
 
@@ -82,6 +82,11 @@ class Speeder(SequentialRecommender):
         self.prompt = PromptBuilder(config, self.tokenizer, self.max_seq_length, texts)
         self.head = ScoreHead(d_model, config["head_dropout"], config["similarity"], float(config["temperature"]))
         self.loss_fct = nn.CrossEntropyLoss()
+        # sampled_softmax_negatives: train against shared negatives instead of every item (catalogues of millions)
+        self.negatives = None
+        if config["sampled_softmax_negatives"]:
+            self.negatives = SharedNegatives(int(config["sampled_softmax_negatives"]),
+                                             config["sampled_softmax_distribution"], dataset.item_train_counts)
         self.runtime = Runtime(config, self.llm, self.prompt, self.spae)
         # predict_mode: generate lists N candidates in the prompt and answers with one of them
         self.generative = None
@@ -162,6 +167,8 @@ class Speeder(SequentialRecommender):
         if self.generative is not None:
             return self.generative.loss(self, interaction)
         item_seq, item_seq_len, timestamps = self.inputs(interaction)
+        if self.negatives is not None:
+            return self._sampled_loss(item_seq, item_seq_len, timestamps, interaction[self.POS_ITEM_ID])
         item_tokens = self.item_tokens()
         states = self._states(item_seq, item_seq_len, timestamps, item_tokens, self.train_all_positions)
         return self.score_loss(states, item_seq, item_seq_len, interaction[self.POS_ITEM_ID], item_tokens)
@@ -178,6 +185,26 @@ class Speeder(SequentialRecommender):
         with self.runtime.autocast():
             logits = (users @ self.item_vectors(item_tokens)[1:].T).float()
         return self.loss_fct(logits, targets - 1)
+
+    def _sampled_loss(self, item_seq, item_seq_len, timestamps, targets) -> torch.Tensor:
+        """The sampled softmax (``sampled_softmax_negatives``): MRC computes the tokens of the items this step
+        touches only (histories, targets, shared negatives), so a step costs the same whatever the catalogue."""
+        negatives = self.negatives.draw(item_seq.device)
+        touched = torch.cat([item_seq.flatten(), targets, negatives]).unique()  # sorted: rows by searchsorted
+        with self.runtime.autocast():
+            tokens = self.mrc(touched)[0].float()
+        # soft tokens enter the prompt by their row of ``tokens``; text mode reads items by their ids
+        seq = torch.searchsorted(touched, item_seq) if self.prompt.item_repr == "mrc" else item_seq
+        states = self._states(seq, item_seq_len, timestamps, tokens, self.train_all_positions)
+        if states.dim() == 3:  # position t predicts the item after it; the last one predicts the row's target
+            next_items, valid = next_item_targets(item_seq, item_seq_len, targets)
+            states, targets = states[valid], next_items[valid]
+        users, vectors = self.head.users(states), self.head.items(tokens)
+        log_q = self.negatives.log_q.to(users.device)
+        with self.runtime.autocast():
+            positives = vectors[torch.searchsorted(touched, targets)]
+            return sampled_softmax_loss(users, positives, vectors[torch.searchsorted(touched, negatives)], targets,
+                                        negatives, log_q)
 
     def predict(self, interaction) -> torch.Tensor:
         if self.generative is not None:
