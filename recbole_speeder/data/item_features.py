@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from logging import getLogger
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from recbole_speeder.data.features import (
     source_hash,
 )
 from recbole_speeder.data.item_text import format_item_text
+from recbole_speeder.data.text_cache import TextEmbeddingCache
 from recbole_speeder.errors import UsageError
 
 AUTO_TEXT_ENCODER = "all-MiniLM-L6-v2 (auto, from .item text)"
@@ -71,7 +71,7 @@ def _cache_dir(config) -> Path:
 
 
 def text_features(config, dataset, texts: list[str]) -> ItemFeatures:
-    """The text modality: a prepared feature file if one exists, else MiniLM over ``texts``, cached once."""
+    """The text modality: a prepared feature file if one exists, else MiniLM over ``texts``, cached."""
     id2token = dataset.field2id_token[dataset.iid_field]
     name = config["dataset"]
     explicit = config["text_feature_file"]
@@ -81,23 +81,25 @@ def text_features(config, dataset, texts: list[str]) -> ItemFeatures:
     entry = read_manifest(prepared.parent, name).get("text", {})
     if prepared.is_file() and (explicit or entry.get("encoder") != AUTO_TEXT_ENCODER):
         return load_item_features(prepared, id2token)
-    from recbole_speeder.data.encoders import encode_texts
-
-    return _cached_text_features(config, dataset, name, source_hash(texts), AUTO_TEXT_ENCODER,
-                                 lambda: encode_texts(texts, show_progress=config["show_progress"]))
+    return _cached_text_features(config, dataset, texts)
 
 
-def _cached_text_features(config, dataset, name: str, sha: str, encoder: str,
-                          encode: Callable[[], np.ndarray]) -> ItemFeatures:
-    """The cached ``<name>.text_emb.npz`` when it was built from the same inputs (``sha``), else ``encode()`` saved
-    there first: each encoder reads a dataset's texts once."""
+def _cached_text_features(config, dataset, texts: list[str]) -> ItemFeatures:
+    """The cached ``<dataset>.text_emb.npz`` when it was built from the same texts; else their embeddings from the
+    per-text cache beside it (``text_cache.py``), which encodes on the run's device only the texts it lacks, saved
+    as that file again."""
     id2token = dataset.field2id_token[dataset.iid_field]
-    cache = _cache_dir(config)
-    cached = feature_path(cache, name, "text")
+    name, cache = config["dataset"], _cache_dir(config)
+    cached, sha = feature_path(cache, name, "text"), source_hash(texts)
     if not (cached.is_file() and read_manifest(cache, name).get("text", {}).get("source_sha256") == sha):
-        getLogger().info(f"encoding {len(id2token) - 1} item texts with {encoder}; cached in {cached}")
+        from recbole_speeder.data.encoders import encode_texts
+
+        device = str(config["device"])
+        shards = TextEmbeddingCache(cache / f"{name}.text_cache", AUTO_TEXT_ENCODER)
+        embedding = shards.embed(texts, lambda chunk: encode_texts(chunk, device=device, show_progress=False),
+                                 show_progress=config["show_progress"])
         tokens = [str(t) for t in id2token[1:]]
-        save_item_features(cache, name, "text", tokens, encode(), encoder=encoder, source_sha256=sha)
+        save_item_features(cache, name, "text", tokens, embedding, encoder=AUTO_TEXT_ENCODER, source_sha256=sha)
     return load_item_features(cached, id2token)
 
 
