@@ -2,9 +2,9 @@
 
 A CPU training step allocates and frees the same large activations every step. glibc serves blocks above its mmap
 threshold (at most 32 MB) with fresh ``mmap`` calls and hands them back with ``munmap``, and trims the heap top
-after frees: every step then pays the kernel to map and zero-fill the same pages again. SASRec's steps at RecBole's
-batch of 2,048 (100 MB logits and feed-forward activations) spent 28% of their CPU time in the kernel that way.
-Serving every block from the heap and never trimming it keeps the pages mapped (BENCHMARKS.md, "Allocator"): the
+after frees: every step then pays the kernel to map and zero-fill the same pages again (BENCHMARKS.md,
+"Allocator", measures what that costs). Serving every block from the heap and never trimming it keeps the pages
+mapped: the
 process holds on to its peak memory instead of returning it between steps. No effect off glibc (macOS, musl).
 """
 

@@ -18,7 +18,7 @@ def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> None:
     """Keep the frozen linear weights of the decoder layers in the autocast ``dtype``.
 
     Autocast caches its casts only for weights that train, so it recasts every frozen weight at every call: a copy
-    of the weights per backbone call (~5% of a 256-user ranking profile on CPU) and in memory. Under autocast the
+    of the weights per backbone call, in time and in memory (docs/performance.md). Under autocast the
     result is bit-identical (the same rounding, done once); these layers then run only under autocast, as the model
     calls them. Embeddings, norms and the LM head keep their dtype; LoRA adapters train and are left alone.
     """

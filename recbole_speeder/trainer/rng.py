@@ -23,7 +23,7 @@ def seed_run(seed: int, reproducibility: bool) -> None:
     gradients with parallel atomics, in whatever order the threads get there. Deterministic mode runs it
     serially. ``warn_only``: an op without a deterministic kernel warns instead of ending the run; on GPU that
     leaves the attention backward nondeterministic (docs/mpo_trainer.md). New tensors are not NaN-filled: that
-    guard costs ~10% of a CPU epoch and nothing here reads memory it did not write (the rerun test would see it).
+    guard costs time on every epoch and nothing here reads memory it did not write (the rerun test would see it).
     """
     init_seed(seed, reproducibility)
     if reproducibility and torch.cuda.is_available():
