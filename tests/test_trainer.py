@@ -618,16 +618,13 @@ def free_port() -> str:
         return str(probe.getsockname()[1])
 
 
+# no dropout and no shuffle: two ranks together see what one process sees, batch by batch
+DDP_SETTINGS = {"mpo_stages": "text:text:mrc+spae+head:1,full:all:all:1", "shuffle": False, "mrc_dropout": 0.0,
+                "head_dropout": 0.0, "lora_dropout": 0.0, "dist_backend": "gloo"}
+
+
 def test_two_gloo_processes_match_one_process(toy, tmp_path):
-    # no dropout and no shuffle: the two ranks together see what one process sees, batch by batch
-    settings = {
-        "mpo_stages": "text:text:mrc+spae+head:1,full:all:all:1",
-        "shuffle": False,
-        "mrc_dropout": 0.0,
-        "head_dropout": 0.0,
-        "lora_dropout": 0.0,
-        "dist_backend": "gloo",
-    }
+    settings = DDP_SETTINGS
     two = run("Speeder", DATASET, config_dict=toy_config(toy, tmp_path / "two", **settings), nproc=2,
               port=free_port())
     one = run_recbole_speeder("Speeder", DATASET, config_dict=toy_config(toy, tmp_path / "one", **settings))
@@ -658,8 +655,7 @@ def test_the_first_process_of_a_node_prepares_before_the_others_read(tmp_path):
 def test_torchrun_runs_the_run_script_as_two_gloo_ranks_that_match_one_process(toy, tmp_path):
     """``torchrun --nproc_per_node=2`` on the unchanged command line: the ranks read torchrun's environment and join
     its store; the result matches one process as the spawned ranks' does."""
-    settings = {"mpo_stages": "text:text:mrc+spae+head:1,full:all:all:1", "shuffle": False, "mrc_dropout": 0.0,
-                "head_dropout": 0.0, "lora_dropout": 0.0, "dist_backend": "gloo"}
+    settings = DDP_SETTINGS
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(toy_config(toy, tmp_path / "two", **settings)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
