@@ -34,7 +34,7 @@ import psutil  # noqa: E402
 from bench.report import command_line, machine_line, publish, run_cli, utc_now  # noqa: E402
 from recbole_speeder.errors import UsageError  # noqa: E402
 
-DEFAULT_SIZES = "10k:200k,100k:200k,1m:200k,10k:2m,10k:20m"  # the items axis, then the interactions axis
+DEFAULT_SIZES = "10k:2m,100k:2m,1m:2m,10k:200k,10k:20m"  # the items axis, then the interactions axis
 DATASET = "Scale"
 FEATURE_DIM = 384
 SUFFIXES = {"k": 1_000, "m": 1_000_000}
@@ -42,8 +42,10 @@ SUFFIXES = {"k": 1_000, "m": 1_000_000}
 
 @dataclass
 class Row:
-    items: int
+    items: int  # as generated
     interactions: int
+    prepared_items: int | None = None  # in the prepared dataset: one interaction per (user, item) is kept
+    prepared_interactions: int | None = None
     prep_s: float | None = None
     prep_peak_mib: float | None = None
     build_s: float | None = None
@@ -78,8 +80,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------------- data
 def generate(folder: Path, n_items: int, n_interactions: int, seed: int = 0) -> None:
-    """Users with geometric history lengths (mean 9, at least 3), items drawn by a Zipf(1.1) popularity, one
-    interaction per (user, item), time stamps increasing along each history."""
+    """Users with geometric history lengths (mean 9, at least 3), items drawn by a Zipf(1.1) popularity, every
+    item at least once (so the catalogue has ``n_items`` items when ``n_interactions`` allows), time stamps
+    increasing along each history."""
     rng = np.random.default_rng(seed)
     lengths = 3 + rng.geometric(1 / 7, size=n_interactions // 3)
     lengths = lengths[np.cumsum(lengths) <= n_interactions]
@@ -87,6 +90,8 @@ def generate(folder: Path, n_items: int, n_interactions: int, seed: int = 0) -> 
     popularity = ranks ** -1.1
     popularity /= popularity.sum()
     items = rng.choice(n_items, size=int(lengths.sum()), p=popularity)
+    every = min(n_items, len(items))
+    items[rng.choice(len(items), size=every, replace=False)] = rng.permutation(n_items)[:every]
     users = np.repeat(np.arange(len(lengths)), lengths)
     stamps = 1_000_000 + np.arange(len(items)) * 60
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,6 +147,12 @@ def prepare(raw: Path, data: Path, args) -> tuple[float | None, float, str]:
     vectors = np.random.default_rng(0).standard_normal((len(tokens), FEATURE_DIM), dtype=np.float32)
     save_item_features(data / DATASET, DATASET, "text", tokens, vectors, encoder="synthetic", source_sha256="-")
     return seconds, peak, ""
+
+
+def prepared_counts(data: Path) -> tuple[int, int]:
+    """Items and interactions of the prepared atomic files (header lines excluded)."""
+    folder = data / DATASET
+    return tuple(sum(1 for _ in open(folder / f"{DATASET}.{kind}", encoding="utf-8")) - 1 for kind in ("item", "inter"))
 
 
 # ---------------------------------------------------------------------------------------------- the measuring child
@@ -212,7 +223,9 @@ def table(rows: list[Row]) -> str:
              "| measuring peak MiB | stopped |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r.items:,} | {r.interactions:,} | {fmt(r.prep_s)} | {fmt(r.prep_peak_mib, 0)} "
+        items = f"{r.prepared_items:,}" if r.prepared_items is not None else f"{r.items:,} (generated)"
+        inters = f"{r.prepared_interactions:,}" if r.prepared_interactions is not None else f"{r.interactions:,}"
+        lines.append(f"| {items} | {inters} | {fmt(r.prep_s)} | {fmt(r.prep_peak_mib, 0)} "
                      f"| {fmt(r.build_s)} | {fmt(r.build_bytes_per_interaction, 0)} | {fmt(r.train_full_s_per_1k, 3)} "
                      f"| {fmt(r.train_sampled_s_per_1k, 3)} | {fmt(r.full_users_per_s)} "
                      f"| {fmt(r.candidate_users_per_s)} | {fmt(r.peak_mib, 0)} | {r.stopped} |")
@@ -220,7 +233,8 @@ def table(rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    """Log-log: each measured cost against the catalogue (items axis) and the interactions (interactions axis)."""
+    """Log-log: each measured cost against the catalogue (the sizes sharing an interaction count) and against the
+    interactions (the sizes sharing a catalogue)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -228,16 +242,16 @@ def plot(rows: list[Row], path: Path) -> None:
     FigureCanvasAgg(figure)
     by_items = sorted({r.interactions for r in rows}, key=lambda n: -sum(r.interactions == n for r in rows))[0]
     by_inters = sorted({r.items for r in rows}, key=lambda n: -sum(r.items == n for r in rows))[0]
-    panels = [("items", [r for r in rows if r.interactions == by_items], f"at {by_items:,} interactions"),
-              ("interactions", [r for r in rows if r.items == by_inters], f"at {by_inters:,} items")]
+    panels = [("prepared_items", [r for r in rows if r.interactions == by_items], f"at {by_items:,} interactions"),
+              ("prepared_interactions", [r for r in rows if r.items == by_inters], f"at {by_inters:,} items")]
     metrics = ["prep_s", "build_s", "train_full_s_per_1k", "train_sampled_s_per_1k", "full_users_per_s"]
     for index, (axis, chosen, title) in enumerate(panels, 1):
         ax = figure.add_subplot(1, 2, index)
         for metric in metrics:
-            points = [(getattr(r, axis), getattr(r, metric)) for r in chosen if getattr(r, metric)]
+            points = [(getattr(r, axis), getattr(r, metric)) for r in chosen if getattr(r, metric) and getattr(r, axis)]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=metric)
-        ax.set(xscale="log", yscale="log", xlabel=axis, title=title)
+        ax.set(xscale="log", yscale="log", xlabel=axis.replace("prepared_", ""), title=title)
         ax.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -278,6 +292,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             row.prep_s, row.prep_peak_mib, row.stopped = prepare(folder / "raw", folder / "data", args)
             if row.prep_s is None:
                 continue
+            row.prepared_items, row.prepared_interactions = prepared_counts(folder / "data")
             print("  measuring ...", flush=True)
             done, _, row.peak_mib, row.stopped = run_child(
                 [sys.executable, __file__, f"--worker={folder / 'data'}", f"--backbone_path={args.backbone_path}",

@@ -19,4 +19,5 @@ def test_the_scale_benchmark_measures_its_smallest_size(tmp_path, monkeypatch, c
     measured = [row.prep_s, row.build_s, row.build_bytes_per_interaction, row.train_full_s_per_1k,
                 row.train_sampled_s_per_1k, row.full_users_per_s, row.candidate_users_per_s]
     assert all(value is not None and value > 0 for value in measured), row
-    assert "| 2,000 | 20,000 |" in capsys.readouterr().out  # the table it prints (--no_write: no file touched)
+    assert row.prepared_items == 2000 and 0.5 * 20000 < row.prepared_interactions <= 20000  # duplicates dropped
+    assert f"| 2,000 | {row.prepared_interactions:,} |" in capsys.readouterr().out  # the table (--no_write: printed)
