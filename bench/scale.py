@@ -14,6 +14,7 @@ is stopped, and the table says where. MiniLM's encoding speed is measured once, 
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import os
@@ -107,9 +108,10 @@ def generate(folder: Path, n_items: int, n_interactions: int, seed: int = 0) -> 
             out.write(json.dumps({"item_id": int(item), "title": f"{title} {item}", "categories": ["Beauty"]}) + "\n")
 
 
-def run_child(command: list[str], max_rss_gb: float, timeout: float) -> tuple[subprocess.CompletedProcess | None,
-                                                                               float, float, str]:
-    """Run a child process, polling its resident memory: ``(result, wall seconds, peak MiB, why it stopped)``."""
+def run_child(command: list[str], max_rss_gb: float, timeout: float) -> tuple[subprocess.CompletedProcess, float,
+                                                                               float, str]:
+    """Run a child process, polling its resident memory: ``(result, wall seconds, peak MiB, why it stopped)``; a
+    stopped child's result holds what it printed before."""
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     process, peak, stopped = psutil.Process(child.pid), 0, ""
@@ -131,15 +133,15 @@ def run_child(command: list[str], max_rss_gb: float, timeout: float) -> tuple[su
     result = subprocess.CompletedProcess(command, child.returncode, out, err)
     if not stopped and child.returncode != 0:
         stopped = f"failed: {(err.strip().splitlines() or ['exit ' + str(child.returncode)])[-1][:160]}"
-    return (None if stopped else result), seconds, peak / 2**20, stopped
+    return result, seconds, peak / 2**20, stopped
 
 
 def prepare(raw: Path, data: Path, args) -> tuple[float | None, float, str]:
-    done, seconds, peak, stopped = run_child(
+    _, seconds, peak, stopped = run_child(
         [sys.executable, "-m", "dataset_prep", "prepare", "--source=generic", f"--input={raw}", f"--out={data}",
          f"--dataset={DATASET}", "--kcore=0", "--features=none", "--no-progress"],
         args.max_rss_gb, args.timeout)
-    if done is None:
+    if stopped:
         return None, peak, stopped
     from recbole_speeder.data.features import save_item_features
 
@@ -180,23 +182,28 @@ def measure(data: Path, args) -> dict:
     train, valid, _ = data_preparation(config, dataset)
     out = {"build_s": time.perf_counter() - start,
            "build_bytes_per_interaction": (psutil.Process().memory_info().rss - before) / len(dataset.inter_feat)}
-    print(json.dumps(out), flush=True)  # kept if a later phase runs out of memory
+    print(json.dumps(out), flush=True)  # each phase's results are printed as it ends: kept if a later one is stopped
     work = build_workload(train, valid, args.train_rows, args.eval_users, 20, config["seed"])
-    full = Speeder(config, train._dataset)
-    sampled = Speeder(Config("Speeder", DATASET, config_dict={**settings, "sampled_softmax_negatives": 256}),
-                      train._dataset)
     per_1k = 1000 / work.train_targets
-    for name, model in (("train_sampled_s_per_1k", sampled), ("train_full_s_per_1k", full)):
-        times = paired_timings({name: training_step(model, adam(model), work.train)}, args.repeats)
-        out[name] = median(times[name]) * per_1k
-        print(json.dumps(out), flush=True)
-    full.eval()
+    # one model at a time, the sampled softmax first: what fits is measured before what may not
+    model = Speeder(Config("Speeder", DATASET, config_dict={**settings, "sampled_softmax_negatives": 256}),
+                    train._dataset)
+    times = paired_timings({"step": training_step(model, adam(model), work.train)}, args.repeats)
+    out["train_sampled_s_per_1k"] = median(times["step"]) * per_1k
+    print(json.dumps(out), flush=True)
+    model.eval()  # evaluation is the same with either loss
     with torch.no_grad():
-        full.item_vectors(full.item_tokens())  # the once-per-evaluation cache, outside the timed calls
-    times = paired_timings({"full": scoring(full, work.users), "candidates": scoring(full, work.candidates, False)},
+        model.item_vectors(model.item_tokens())  # the once-per-evaluation cache, outside the timed calls
+    times = paired_timings({"full": scoring(model, work.users), "candidates": scoring(model, work.candidates, False)},
                            args.repeats)
     out["full_users_per_s"] = len(work.users) / median(times["full"])
     out["candidate_users_per_s"] = len(work.users) / median(times["candidates"])
+    print(json.dumps(out), flush=True)
+    del model
+    gc.collect()
+    model = Speeder(config, train._dataset)
+    times = paired_timings({"step": training_step(model, adam(model), work.train)}, args.repeats)
+    out["train_full_s_per_1k"] = median(times["step"]) * per_1k
     print(json.dumps(out), flush=True)
     return out
 
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 [sys.executable, __file__, f"--worker={folder / 'data'}", f"--backbone_path={args.backbone_path}",
                  f"--train_rows={args.train_rows}", f"--eval_users={args.eval_users}", f"--repeats={args.repeats}"],
                 args.max_rss_gb, args.timeout)
-            lines = [line for line in ((done.stdout if done else "") or "").splitlines() if line.startswith("{")]
+            lines = [line for line in (done.stdout or "").splitlines() if line.startswith("{")]  # the phases done
             for key, value in (json.loads(lines[-1]) if lines else {}).items():
                 setattr(row, key, value)
     rate = encoding_rate(args.encode_texts) if args.encode_texts else None
