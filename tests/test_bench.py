@@ -1,4 +1,5 @@
-"""The scale benchmark's path works end to end at its smallest size (bench/scale.py; no timing is asserted)."""
+"""The scale and ranking benchmarks' paths work end to end at their smallest sizes (bench/scale.py,
+bench/ranking.py; no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,15 @@ def test_the_scale_benchmark_measures_its_smallest_size(tmp_path, monkeypatch, c
     assert all(value is not None and value > 0 for value in measured), row
     assert row.prepared_items == 2000 and 0.5 * 20000 < row.prepared_interactions <= 20000  # duplicates dropped
     assert f"| 2,000 | {row.prepared_interactions:,} |" in capsys.readouterr().out  # the table (--no_write: printed)
+
+
+def test_the_ranking_benchmark_compares_equal_hits_at_small_sizes(monkeypatch, capsys):
+    """Both paths collect the same hits (the bench raises otherwise), over several chunks and with the top-k."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import ranking
+
+    rows = ranking.main(["--items=3k,20k", "--eval_users=16", "--chunk_size=4096", "--topk_items", "--repeats=1",
+                         "--no_write"])
+    assert [row.items for row in rows] == [3000, 20000]
+    assert all(row.matmul_s > 0 and row.dense_s > 0 and row.chunked_s > 0 for row in rows)
+    assert "| 20,000 |" in capsys.readouterr().out

@@ -408,6 +408,33 @@ def test_eval_exclude_history_never_ranks_a_seen_item(toy_root, toy_dict, monkey
     assert all(excluded[k] >= every[k] for k in every) and any(excluded[k] > every[k] for k in every)
 
 
+@pytest.mark.parametrize("mode", ["full", "uni19"])
+def test_speeder_evaluation_without_the_matrix_equals_recbole_dense_path(toy_dict, monkeypatch, mode):
+    """A tiny Speeder's valid metrics, history excluded, with 7-item chunks, against the same trainer ranking the
+    dense ``[users x items]`` scores; a metric that needs every score (GAUC) takes the dense path by itself."""
+    from recbole_speeder.evaluation.protocol import exclude_history
+    from recbole_speeder.trainer import SpeederTrainer
+    from recbole_speeder.utils import create_dataset
+
+    overrides = {"eval_args": {**toy_dict["eval_args"], "mode": mode}, "eval_exclude_history": mode == "full",
+                 "metrics": ["Hit", "NDCG", "MRR", "ShannonEntropy"], "ranking_chunk_size": 7,
+                 "metric_decimal_place": 12}
+    config, model, valid, _ = build("Speeder", toy_dict, **overrides)
+    full = create_dataset(config)
+    data_preparation(config, full)  # builds it: the histories are read from its interaction tensors
+    (valid,) = exclude_history(config, full, valid)
+    trainer = SpeederTrainer(config, model)
+    assert trainer._ranks_sparsely()
+    sparse = floats(trainer.evaluate(valid, load_best_model=False))
+    monkeypatch.setattr(SpeederTrainer, "_ranks_sparsely", lambda self: False)
+    dense = floats(trainer.evaluate(valid, load_best_model=False))
+    assert sparse == dense and sparse["hit@10"] > 0
+    monkeypatch.undo()
+    gauc = {**overrides, "metrics": ["GAUC"], "valid_metric": "GAUC"}
+    gauc = SpeederTrainer(*build("Speeder", toy_dict, **gauc)[:2])
+    assert not gauc._ranks_sparsely()
+
+
 def test_retest_reproduces_a_runs_test_and_tests_the_checkpoint_under_other_keys(toy_dict, tmp_path, monkeypatch,
                                                                                   capsys):
     """A RecBole and a Speeder checkpoint tested again: the run's own result, then another decoder and user sample."""

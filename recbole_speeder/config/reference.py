@@ -91,6 +91,9 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv and argv[0].startswith("-"):
+        print("usage: python -m recbole_speeder.config.reference [OUT.md]  (default: docs/configuration.md)")
+        return
     out = Path(argv[0] if argv else "docs/configuration.md")
     out.write_text(render(), encoding="utf-8")
     print(f"wrote {out}")

@@ -291,6 +291,7 @@ SCHEMA: dict[str, Key] = {
     "autocast_dtype": Key(str, choices=AUTOCAST_DTYPES),
     "autocast_frozen_weights": Key(bool),
     "last_layer_reads_only": Key(bool),
+    "ranking_chunk_size": Key(int, minimum=1),
     "similarity": Key(str, choices=SIMILARITIES),
     "temperature": Key(float, above=0),
     "head_dropout": Key(float, minimum=0, below=1),

@@ -223,9 +223,20 @@ class Speeder(SequentialRecommender):
     def full_sort_predict(self, interaction) -> torch.Tensor:
         if self.generative is not None:
             return self.generative.full_sort_predict(self, interaction)
+        users, items = self.full_sort_factors(interaction)
+        return outside_inference_mode(users @ items.T)
+
+    @property
+    def scores_by_similarity(self) -> bool:
+        """Whether scores are user-item similarities (``predict_mode: score``), so evaluation may rank without a
+        ``[users x items]`` matrix (``evaluation/ranking.py``)."""
+        return self.generative is None
+
+    def full_sort_factors(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
+        """User vectors ``[B, d]`` and every item's output vector ``[n_items, d]``: full ranking scores their
+        product."""
         with self.runtime.scoring(warm=lambda: self.item_vectors(self.item_tokens())):
-            scores = self.forward(*self.inputs(interaction)) @ self.item_vectors(self.item_tokens()).T
-        return outside_inference_mode(scores)
+            return self.forward(*self.inputs(interaction)), self.item_vectors(self.item_tokens())
 
     # ------------------------------------------------------------------ cost
     def token_counts(self) -> tuple[int, int]:

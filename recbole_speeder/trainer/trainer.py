@@ -20,7 +20,7 @@ from time import time
 import numpy as np
 import torch
 from recbole.trainer.trainer import Trainer
-from recbole.utils import dict2str, early_stopping, set_color
+from recbole.utils import EvaluatorType, dict2str, early_stopping, set_color
 from torch import nn
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from recbole_speeder.config.stages import Stage, parse_stages
 from recbole_speeder.errors import UsageError
 from recbole_speeder.evaluation.metrics import rank_invalid_last
+from recbole_speeder.evaluation.ranking import RankingCollector, rank_all_items, rank_candidates
 from recbole_speeder.trainer.checkpoint_file import CheckpointError
 from recbole_speeder.trainer.checkpointing import BEST_SUFFIX, RESUME_SUFFIX, RunCheckpoints
 from recbole_speeder.trainer.distributed import (
@@ -53,6 +54,8 @@ class SpeederTrainer(RunCheckpoints, Trainer, DeferredDDP):
     def __init__(self, config, model):
         os.makedirs(config["checkpoint_dir"], exist_ok=True)  # RecBole's check-then-create races between ranks
         super().__init__(config, model)
+        self.eval_collector = RankingCollector(config)
+        self.ranking_chunk_size = int(config["ranking_chunk_size"])
         if not hasattr(model, "parameter_groups"):
             raise UsageError(f"SpeederTrainer needs a model with parameter_groups(); {type(model).__name__} has none")
         stages = parse_stages(
@@ -288,11 +291,41 @@ class SpeederTrainer(RunCheckpoints, Trainer, DeferredDDP):
         raise NonFiniteLossError(message)
 
 
+    def _ranks_sparsely(self) -> bool:
+        """Whether this evaluation ranks without a ``[users x items]`` matrix (``evaluation/ranking.py``): a
+        similarity-scoring model, ranking metrics, none of which needs every score."""
+        return (
+            getattr(self.model, "scores_by_similarity", False)
+            and self.config["eval_type"] == EvaluatorType.RANKING
+            and not self.eval_collector.needs_dense_scores()
+        )
+
     def _full_sort_batch_eval(self, batched_data):
-        return self._invalid_answers_miss(*super()._full_sort_batch_eval(batched_data))
+        if not self._ranks_sparsely():
+            return self._invalid_answers_miss(*super()._full_sort_batch_eval(batched_data))
+        interaction, history_index, positive_u, positive_i = batched_data
+        users, items = self.model.full_sort_factors(interaction.to(self.device))
+        ranking = rank_all_items(users, items, positive_u, positive_i, history_index, self.ranking_chunk_size,
+                                 self._topk_items())
+        return interaction, ranking, positive_u, positive_i
 
     def _neg_sample_batch_eval(self, batched_data):
-        return self._invalid_answers_miss(*super()._neg_sample_batch_eval(batched_data))
+        if not self._ranks_sparsely():
+            return self._invalid_answers_miss(*super()._neg_sample_batch_eval(batched_data))
+        interaction, row_idx, positive_u, positive_i = batched_data
+        batch_size = interaction.length
+        if batch_size <= self.test_batch_size:
+            scores = self.model.predict(interaction.to(self.device))
+        else:
+            scores = self._spilt_predict(interaction, batch_size)
+        items = interaction[self.config["ITEM_ID_FIELD"]]
+        ranking = rank_candidates(row_idx, items, scores, positive_u, positive_i, int(positive_u[-1]) + 1,
+                                  self.tot_item_num, self._topk_items())
+        return interaction, ranking, positive_u, positive_i
+
+    def _topk_items(self) -> int | None:
+        """The longest cut-off, where a metric reads the recommended items themselves."""
+        return max(self.eval_collector.topk) if self.eval_collector.needs_items() else None
 
     @staticmethod
     def _invalid_answers_miss(interaction, scores, positive_u, positive_i) -> tuple:
