@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from recbole_speeder.data.dataset import tiling_window_index
+from recbole_speeder.errors import UsageError
 from recbole_speeder.model.backbone import input_token_scale
 from recbole_speeder.model.mrc import MixtureOfModalityExperts
 from recbole_speeder.model.prompt import pack_layout, slot_items
@@ -70,6 +71,43 @@ def test_mrc_active_modalities_restrict_the_mixture_and_outputs():
 def test_mrc_refuses_a_modality_without_features():
     with pytest.raises(ValueError, match="no features"):
         MixtureOfModalityExperts({}, n_items=3, d_model=4, modalities=("text", "id"))
+
+
+def test_id_init_text_starts_the_id_table_from_the_texts_principal_components():
+    """With as many components as the text has dimensions the rows keep the texts' geometry (pairwise distances up
+    to one scale) at the random table's spread; fewer components are uncorrelated, largest variance first; an item
+    without text keeps its random row, and the text rows do not depend on the seed."""
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randn(40, 8, generator=generator) * torch.linspace(3, 0.5, 8)
+    present = torch.ones(40, dtype=torch.bool)
+    present[[0, 7, 19]] = False  # the padding item and two items without text
+    rows = present.nonzero().squeeze(1)
+
+    def id_table(id_init: str, id_dim: int, seed: int = 0) -> torch.Tensor:
+        torch.manual_seed(seed)
+        mrc = MixtureOfModalityExperts({"text": (text, present)}, n_items=40, d_model=16, modalities=("text", "id"),
+                                       id_dim=id_dim, id_init=id_init)
+        return mrc.experts["id"].embedding.weight.detach()
+
+    full = id_table("text", 8)
+    centred = text[rows] - text[rows].mean(dim=0)
+    off_diagonal = ~torch.eye(len(rows), dtype=torch.bool)
+    ratio = (torch.cdist(full[rows], full[rows]) / torch.cdist(centred, centred).fill_diagonal_(1.0))[off_diagonal]
+    assert torch.allclose(ratio, ratio[0].expand(len(ratio)), rtol=1e-4)
+    assert full[rows].std().item() == pytest.approx(0.02, rel=1e-4)
+    covariance = torch.cov(id_table("text", 2)[rows].T)
+    assert covariance[0, 0] > covariance[1, 1] and abs(covariance[0, 1].item()) < 1e-9
+    random = id_table("random", 8)
+    assert torch.equal(full[~present], random[~present]) and not torch.equal(full[rows], random[rows])
+    reseeded = id_table("text", 8, seed=1)
+    assert torch.equal(reseeded[rows], full[rows]) and not torch.equal(reseeded[~present], full[~present])
+
+
+def test_id_init_text_needs_the_text_and_id_modalities():
+    from recbole_speeder.config import Config
+
+    with pytest.raises(UsageError, match="id_init: text starts the ID table from the text features"):
+        Config("Speeder", "ml-100k", config_dict={"id_init": "text", "modalities": ["id"], "state": "WARNING"})
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])

@@ -37,6 +37,7 @@ from recbole_speeder.config.choices import (
     GENERATE_LABELS,
     GENERATE_SAMPLINGS,
     GENERATE_VALIDITY,
+    ID_INITS,
     ITEM_REPRS,
     LR_SCHEDULERS,
     MODALITIES,
@@ -208,6 +209,13 @@ def _sampled_rule(value: int, config: Mapping[str, Any]) -> None:
                          f"{config['predict_mode']!r}")
 
 
+def _id_init_rule(value: str, config: Mapping[str, Any]) -> None:
+    modalities = config["modalities"] or []
+    if value == "text" and not {"text", "id"} <= set(modalities):
+        raise UsageError(f"id_init: text starts the ID table from the text features: it needs modalities with text "
+                         f"and id, got {modalities!r}")
+
+
 def _metrics_rule(value: list, config: Mapping[str, Any]) -> None:
     from recbole.evaluator.register import metric_types  # RecBole's registry, the plugin's metrics added
 
@@ -275,6 +283,7 @@ SCHEMA: dict[str, Key] = {
     "router": Key(str, choices=ROUTERS),
     "mrc_dropout": Key(float, minimum=0, below=1),
     "id_embedding_dim": Key(int, minimum=1),
+    "id_init": Key(str, choices=ID_INITS, rule=_id_init_rule),
     "item_chunk_size": Key(int, minimum=1),
     "spae_absolute": Key(bool),
     "spae_relative": Key(bool),

@@ -13,6 +13,8 @@ from torch import nn
 
 from recbole_speeder.config.choices import MODALITIES
 
+ID_INIT_STD = 0.02
+
 
 class FeatureExpert(nn.Module):
     """MLP from a frozen feature vector to ``n_tokens`` soft tokens."""
@@ -34,17 +36,36 @@ class IdExpert(nn.Module):
     """Learned item-ID embedding of ``id_dim`` widened to ``n_tokens`` soft tokens.
 
     A narrow table plus one projection keeps the ID signal's size (and every checkpoint) small on large
-    catalogues: 12k items x 64 instead of 12k items x 576 for SmolLM2.
+    catalogues: 12k items x 64 instead of 12k items x 576 for SmolLM2. ``initial`` rows (``id_init: text``)
+    replace the random start of the items that have them.
     """
 
-    def __init__(self, n_items: int, id_dim: int, d_model: int, n_tokens: int):
+    def __init__(self, n_items: int, id_dim: int, d_model: int, n_tokens: int,
+                 initial: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.embedding = nn.Embedding(n_items, id_dim, padding_idx=0)
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        nn.init.normal_(self.embedding.weight, std=ID_INIT_STD)
+        if initial is not None:
+            rows, values = initial
+            with torch.no_grad():
+                self.embedding.weight[rows] = values
         self.proj = nn.Linear(id_dim, n_tokens * d_model)
 
     def forward(self, item_ids: torch.Tensor) -> torch.Tensor:
         return self.proj(self.embedding(item_ids))
+
+
+def principal_components(features: torch.Tensor, present: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, values)``: the ``present`` items' coordinates on the top ``dim`` principal components of their
+    ``features``, scaled to the random table's spread, so only the geometry differs from ``id_init: random`` (the
+    text-initialised ID table of LLM-ESR and "The Elephant in the Room")."""
+    rows = present.nonzero().squeeze(1)
+    centred = features[rows].double() - features[rows].double().mean(dim=0)
+    _, _, components = torch.linalg.svd(centred, full_matrices=False)
+    width = min(dim, components.shape[0])
+    values = torch.zeros(len(rows), dim, dtype=torch.float64)
+    values[:, :width] = centred @ components[:width].T
+    return rows, (values * (ID_INIT_STD / values[:, :width].std())).float()
 
 
 class MixtureOfModalityExperts(nn.Module):
@@ -66,6 +87,7 @@ class MixtureOfModalityExperts(nn.Module):
         token_scale: float = 1.0,
         dropout: float = 0.1,
         id_dim: int = 64,
+        id_init: str = "random",
     ):
         super().__init__()
         missing = [m for m in modalities if m != "id" and m not in features]
@@ -79,7 +101,8 @@ class MixtureOfModalityExperts(nn.Module):
             if name == "id":
                 mask = torch.ones(n_items, dtype=torch.bool)
                 mask[0] = False  # the padding item
-                self.experts[name] = IdExpert(n_items, id_dim, d_model, n_tokens)
+                initial = principal_components(*features["text"], id_dim) if id_init == "text" else None
+                self.experts[name] = IdExpert(n_items, id_dim, d_model, n_tokens, initial)
             else:
                 embedding, mask = features[name]
                 self.register_buffer(f"{name}_features", embedding.float(), persistent=False)

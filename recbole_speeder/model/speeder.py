@@ -57,6 +57,7 @@ class Speeder(SequentialRecommender):
             token_scale=input_token_scale(embeddings),
             dropout=config["mrc_dropout"],
             id_dim=config["id_embedding_dim"],
+            id_init=config["id_init"],
         )
 
         # SPAE: absolute index and time gap on the item tokens, item distance as an attention bias
