@@ -1,5 +1,5 @@
-"""The scale and ranking benchmarks' paths work end to end at their smallest sizes (bench/scale.py,
-bench/ranking.py; no timing is asserted)."""
+"""The scale, ranking and profiling benchmarks' paths work end to end at their smallest sizes (bench/scale.py,
+bench/ranking.py, bench/sampled_profile.py; no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,13 @@ def test_the_ranking_benchmark_compares_equal_hits_at_small_sizes(monkeypatch, c
     assert [row.items for row in rows] == [3000, 20000]
     assert all(row.matmul_s > 0 and row.dense_s > 0 and row.chunked_s > 0 for row in rows)
     assert "| 20,000 |" in capsys.readouterr().out
+
+
+def test_the_sampled_step_profile_times_and_lists_operators(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import sampled_profile
+
+    sampled_profile.main(["--sizes=2k:20k", "--steps=1", "--rows=5", f"--workdir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "2,000 items, 20,000 interactions:" in out and " s per step (" in out
+    assert "Self CPU time total" in out  # the profiler's table
