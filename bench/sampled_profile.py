@@ -36,10 +36,7 @@ def profile(data: Path, args) -> str:
     from recbole_speeder.model import Speeder
     from recbole_speeder.utils import create_dataset
 
-    settings = {"data_path": str(data), "show_progress": False, "state": "ERROR", "log_wandb": False,
-                "checkpoint_dir": str(data / "saved"), "modalities": ["text", "id"], "mpo_stages": None,
-                "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
-                "item_text_fields": ["title"], "backbone_path": args.backbone_path, "sampled_softmax_negatives": 256}
+    settings = {**scale.speeder_settings(data, args.backbone_path), "sampled_softmax_negatives": 256}
     config = Config("Speeder", scale.DATASET, config_dict=settings)
     train, valid, _ = data_preparation(config, create_dataset(config))
     work = build_workload(train, valid, args.train_rows, 8, 20, config["seed"])

@@ -175,6 +175,14 @@ def full_ranking(model, users, chunk_size: int):
     return rank
 
 
+def speeder_settings(data: Path, backbone_path: str) -> dict:
+    """Speeder's config on a prepared synthetic size: text and ID experts, one stage, quiet."""
+    return {"data_path": str(data), "show_progress": False, "state": "ERROR", "log_wandb": False,
+            "checkpoint_dir": str(data / "saved"), "modalities": ["text", "id"], "mpo_stages": None,
+            "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
+            "item_text_fields": ["title"], "backbone_path": backbone_path, "eval_batch_size": 1024}
+
+
 def measure(data: Path, args) -> dict:
     """In the child: build the dataset, then time training steps and scoring; one JSON line on stdout."""
     import torch
@@ -187,10 +195,7 @@ def measure(data: Path, args) -> dict:
     from recbole_speeder.trainer.rng import seed_run
     from recbole_speeder.utils import create_dataset
 
-    settings = {"data_path": str(data), "show_progress": False, "state": "ERROR", "log_wandb": False,
-                "checkpoint_dir": str(data / "saved"), "modalities": ["text", "id"], "mpo_stages": None,
-                "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
-                "item_text_fields": ["title"], "backbone_path": args.backbone_path, "eval_batch_size": 1024}
+    settings = speeder_settings(data, args.backbone_path)
     config = Config("Speeder", DATASET, config_dict=settings)
     seed_run(config["seed"], config["reproducibility"])
     before = psutil.Process().memory_info().rss

@@ -60,7 +60,8 @@ def principal_components(features: torch.Tensor, present: torch.Tensor, dim: int
     ``features``, scaled to the random table's spread, so only the geometry differs from ``id_init: random`` (the
     text-initialised ID table of LLM-ESR and "The Elephant in the Room")."""
     rows = present.nonzero().squeeze(1)
-    centred = features[rows].double() - features[rows].double().mean(dim=0)
+    present_features = features[rows].double()
+    centred = present_features - present_features.mean(dim=0)
     _, _, components = torch.linalg.svd(centred, full_matrices=False)
     width = min(dim, components.shape[0])
     values = torch.zeros(len(rows), dim, dtype=torch.float64)
