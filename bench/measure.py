@@ -14,10 +14,14 @@ import numpy as np
 import psutil
 import torch
 
+from recbole_speeder.trainer.lazy_adam import LazyAdam, sparse_grad_parameters
+
 
 def adam(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of the timed training steps: Adam over the parameters the model trains."""
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    """The optimizer of the timed training steps, as the trainer builds it: Adam over the parameters the model
+    trains, lazy on the rows of an ID table with sparse gradients (``lazy_id_update``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return LazyAdam(params, lr=1e-4) if sparse_grad_parameters(model) else torch.optim.Adam(params, lr=1e-4)
 
 
 def training_step(model, optimizer: torch.optim.Optimizer, batch) -> Callable[[], None]:

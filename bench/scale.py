@@ -4,9 +4,9 @@ Each size (items:interactions) is generated in the generic raw layout (``interac
 prepared by ``dataset_prep`` in a child process (wall time, peak RSS), given synthetic 384-d text features (MiniLM's
 width; encoding millions of titles would take hours on a CPU), then measured in a second child: the RecBole dataset
 build (time, RSS growth per interaction), a training step with the full softmax and with the sampled softmax
-(seconds per 1,000 targets), full ranking (as the evaluation ranks: in item chunks) and 20-candidate scoring
-(users/s). A child that passes ``--max_rss_gb`` is stopped, and the table says where. MiniLM's encoding speed is
-measured once, on a sample of titles.
+(lazy and dense Adam side by side; seconds per 1,000 targets), full ranking (as the evaluation ranks: in item
+chunks) and 20-candidate scoring (users/s). A child that passes ``--max_rss_gb`` is stopped, and the table says
+where. MiniLM's encoding speed is measured once, on a sample of titles.
 
     python bench/scale.py --no_write
     python bench/scale.py --sizes=2k:20k --backbone_path=tiny-random --train_rows=16 --eval_users=8 --no_write
@@ -54,6 +54,7 @@ class Row:
     build_bytes_per_interaction: float | None = None
     train_full_s_per_1k: float | None = None
     train_sampled_s_per_1k: float | None = None
+    train_sampled_dense_adam_s_per_1k: float | None = None
     full_users_per_s: float | None = None
     candidate_users_per_s: float | None = None
     peak_mib: float | None = None
@@ -207,12 +208,18 @@ def measure(data: Path, args) -> dict:
     print(json.dumps(out), flush=True)  # each phase's results are printed as it ends: kept if a later one is stopped
     work = build_workload(train, valid, args.train_rows, args.eval_users, 20, config["seed"])
     per_1k = 1000 / work.train_targets
-    # one model at a time, the sampled softmax first: what fits is measured before what may not
-    model = Speeder(Config("Speeder", DATASET, config_dict={**settings, "sampled_softmax_negatives": 256}),
-                    train._dataset)
-    times = paired_timings({"step": training_step(model, adam(model), work.train)}, args.repeats)
-    out["train_sampled_s_per_1k"] = median(times["step"]) * per_1k
+    # the sampled softmax first (what fits is measured before what may not), with lazy and dense Adam side by side
+    sampled = {"sampled": {}, "sampled_dense_adam": {"lazy_id_update": False}}
+    models = {name: Speeder(Config("Speeder", DATASET, config_dict={**settings, "sampled_softmax_negatives": 256,
+                                                                      **extra}), train._dataset)
+              for name, extra in sampled.items()}
+    times = paired_timings({name: training_step(m, adam(m), work.train) for name, m in models.items()}, args.repeats)
+    for name in sampled:
+        out[f"train_{name}_s_per_1k"] = median(times[name]) * per_1k
     print(json.dumps(out), flush=True)
+    model = models.pop("sampled")
+    del models
+    gc.collect()
     model.eval()  # evaluation is the same with either loss
     with torch.no_grad():
         model.item_vectors(model.item_tokens())  # the once-per-evaluation cache, outside the timed calls
@@ -249,15 +256,16 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = ["| items | interactions | prep s | prep peak MiB | build s | build bytes / inter | train s / 1k targets, "
-             "full softmax | train s / 1k targets, sampled (256) | full-ranking users/s | 20-candidate users/s "
-             "| measuring peak MiB | stopped |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "full softmax | train s / 1k targets, sampled (256) | the same, dense Adam | full-ranking users/s "
+             "| 20-candidate users/s | measuring peak MiB | stopped |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         items = f"{r.prepared_items:,}" if r.prepared_items is not None else f"{r.items:,} (generated)"
         inters = f"{r.prepared_interactions:,}" if r.prepared_interactions is not None else f"{r.interactions:,}"
         lines.append(f"| {items} | {inters} | {fmt(r.prep_s)} | {fmt(r.prep_peak_mib, 0)} "
                      f"| {fmt(r.build_s)} | {fmt(r.build_bytes_per_interaction, 0)} | {fmt(r.train_full_s_per_1k, 3)} "
-                     f"| {fmt(r.train_sampled_s_per_1k, 3)} | {fmt(r.full_users_per_s)} "
+                     f"| {fmt(r.train_sampled_s_per_1k, 3)} | {fmt(r.train_sampled_dense_adam_s_per_1k, 3)} "
+                     f"| {fmt(r.full_users_per_s)} "
                      f"| {fmt(r.candidate_users_per_s)} | {fmt(r.peak_mib, 0)} | {r.stopped} |")
     return "\n".join(lines)
 
@@ -274,7 +282,8 @@ def plot(rows: list[Row], path: Path) -> None:
     by_inters = sorted({r.items for r in rows}, key=lambda n: -sum(r.items == n for r in rows))[0]
     panels = [("prepared_items", [r for r in rows if r.interactions == by_items], f"at {by_items:,} interactions"),
               ("prepared_interactions", [r for r in rows if r.items == by_inters], f"at {by_inters:,} items")]
-    metrics = ["prep_s", "build_s", "train_full_s_per_1k", "train_sampled_s_per_1k", "full_users_per_s"]
+    metrics = ["prep_s", "build_s", "train_full_s_per_1k", "train_sampled_s_per_1k",
+               "train_sampled_dense_adam_s_per_1k", "full_users_per_s"]
     for index, (axis, chosen, title) in enumerate(panels, 1):
         ax = figure.add_subplot(1, 2, index)
         for metric in metrics:

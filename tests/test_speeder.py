@@ -360,7 +360,7 @@ def test_a_sampled_softmax_over_every_item_is_the_full_softmax(tiny_config):
         loss = model.calculate_loss(batch)
         loss.backward()
         losses.append(loss.item())
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads.append({n: p.grad.to_dense() for n, p in model.named_parameters() if p.grad is not None})
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
@@ -376,10 +376,23 @@ def test_a_sampled_softmax_step_computes_only_the_items_it_touches(tiny_config):
     hook.remove()
     touched = torch.cat([batch[model.ITEM_SEQ].flatten(), batch[model.POS_ITEM_ID]]).unique()
     assert items_seen == [items_seen[0]] and len(touched) <= items_seen[0] <= len(touched) + 8 < model.n_items
-    id_rows = model.mrc.experts["id"].embedding.weight.grad.abs().sum(dim=1) > 0
-    assert id_rows.sum() <= items_seen[0] and id_rows[touched[touched > 0]].all()
+    grad = model.mrc.experts["id"].embedding.weight.grad
+    assert grad.is_sparse  # lazy_id_update: the optimizer skips every row the step did not use
+    id_rows = grad.coalesce().indices()[0]
+    assert len(id_rows) <= items_seen[0] and set(touched[touched > 0].tolist()) <= set(id_rows.tolist())
     with pytest.raises(UsageError, match="sampled_softmax_negatives .* needs predict_mode: score"):
         tiny_config(sampled_softmax_negatives=8, predict_mode="generate")
+
+
+def test_the_id_table_is_sparse_only_under_the_sampled_softmax_with_lazy_id_update(tiny_config):
+    for settings, sparse in (({"sampled_softmax_negatives": 8, "lazy_id_update": False}, False),
+                             ({"sampled_softmax_negatives": 0}, False), ({"sampled_softmax_negatives": 8}, True)):
+        model, train, _ = build(tiny_config(**settings))
+        model.calculate_loss(first_batch(train)).backward()
+        assert model.mrc.experts["id"].embedding.weight.grad.is_sparse == sparse, settings
+    with pytest.raises(UsageError, match="lazy_id_update .* needs learner adam or adamw, got 'sgd'"):
+        tiny_config(sampled_softmax_negatives=8, learner="sgd")
+    tiny_config(sampled_softmax_negatives=8, learner="sgd", lazy_id_update=False)
 
 
 def test_popularity_negatives_follow_the_training_counts_and_correct_by_their_log_probability():

@@ -36,6 +36,7 @@ from recbole_speeder.quick_start import load_speeder, run, run_recbole_speeder
 from recbole_speeder.trainer import CheckpointError, NonFiniteLossError, SpeederTrainer
 from recbole_speeder.trainer.checkpoint_file import read_checkpoint, write_checkpoint
 from recbole_speeder.trainer.distributed import node_main_process_first
+from recbole_speeder.trainer.lazy_adam import LazyAdam
 from recbole_speeder.trainer.rng import seed_run
 from recbole_speeder.trainer.weights import trainable_named_parameters
 from recbole_speeder.utils import create_dataset
@@ -236,12 +237,16 @@ def copy_checkpoints_at(monkeypatch, copy: Path, position: tuple[str, int, int])
     return copy
 
 
-def test_resume_mid_stage_reproduces_the_uninterrupted_run(toy, tmp_path, monkeypatch):
-    stages = "text:text:mrc+spae+head:2,full:::1"
-    copy = copy_checkpoints_at(monkeypatch, tmp_path / "copy", ("text", 1, 1))
-    settings = toy_config(toy, tmp_path / "whole", mpo_stages=stages, checkpoint_every_steps=1)
+@pytest.mark.parametrize("stages, overrides", [
+    ("text:text:mrc+spae+head:2,full:::1", {}),
+    ("full:::2", {"sampled_softmax_negatives": 8}),  # lazy Adam's row moments and step counts resume too
+], ids=["mpo", "sampled-lazy-adam"])
+def test_resume_mid_stage_reproduces_the_uninterrupted_run(toy, tmp_path, monkeypatch, stages, overrides):
+    copy = copy_checkpoints_at(monkeypatch, tmp_path / "copy", (stages.split(":")[0], 1, 1))
+    settings = toy_config(toy, tmp_path / "whole", mpo_stages=stages, checkpoint_every_steps=1, **overrides)
     config, model, train, valid, test = build(settings)
     whole = SpeederTrainer(config, model)
+    assert isinstance(whole.optimizer, LazyAdam) == bool(overrides)
     whole_valid = whole.fit(train, valid)
     whole_test = floats(whole.evaluate(test, load_best_model=True))
     whole_weights = trained(model)

@@ -209,6 +209,13 @@ def _sampled_rule(value: int, config: Mapping[str, Any]) -> None:
                          f"{config['predict_mode']!r}")
 
 
+def _lazy_rule(value: bool, config: Mapping[str, Any]) -> None:
+    learner = str(config.get("learner") or "adam").lower()
+    if value and config["sampled_softmax_negatives"] and learner not in ("adam", "adamw"):
+        raise UsageError(f"lazy_id_update is Adam's lazy row update: it needs learner adam or adamw, got {learner!r} "
+                         "(or set lazy_id_update: False)")
+
+
 def _id_init_rule(value: str, config: Mapping[str, Any]) -> None:
     modalities = config["modalities"] or []
     if value == "text" and not {"text", "id"} <= set(modalities):
@@ -307,6 +314,7 @@ SCHEMA: dict[str, Key] = {
     "train_all_positions": Key(bool),
     "sampled_softmax_negatives": Key(int, minimum=0, rule=_sampled_rule),
     "sampled_softmax_distribution": Key(str, choices=NEGATIVE_DISTRIBUTIONS),
+    "lazy_id_update": Key(bool, rule=_lazy_rule),
     "mpo_stages": Key((list, str), optional=True, item=dict, rule=_stages_rule,
                       phrase="a list of stage dicts or a name:modalities:train:epochs:lr,... string"),
     "lr_scheduler": Key(str, choices=LR_SCHEDULERS),

@@ -37,13 +37,14 @@ class IdExpert(nn.Module):
 
     A narrow table plus one projection keeps the ID signal's size (and every checkpoint) small on large
     catalogues: 12k items x 64 instead of 12k items x 576 for SmolLM2. ``initial`` rows (``id_init: text``)
-    replace the random start of the items that have them.
+    replace the random start of the items that have them. ``sparse`` gives the table row-sparse gradients
+    (``lazy_id_update``), so an optimizer step can skip the rows a batch did not use.
     """
 
     def __init__(self, n_items: int, id_dim: int, d_model: int, n_tokens: int,
-                 initial: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 initial: tuple[torch.Tensor, torch.Tensor] | None = None, sparse: bool = False):
         super().__init__()
-        self.embedding = nn.Embedding(n_items, id_dim, padding_idx=0)
+        self.embedding = nn.Embedding(n_items, id_dim, padding_idx=0, sparse=sparse)
         nn.init.normal_(self.embedding.weight, std=ID_INIT_STD)
         if initial is not None:
             rows, values = initial
@@ -89,6 +90,7 @@ class MixtureOfModalityExperts(nn.Module):
         dropout: float = 0.1,
         id_dim: int = 64,
         id_init: str = "random",
+        id_sparse_grad: bool = False,
     ):
         super().__init__()
         missing = [m for m in modalities if m != "id" and m not in features]
@@ -103,7 +105,7 @@ class MixtureOfModalityExperts(nn.Module):
                 mask = torch.ones(n_items, dtype=torch.bool)
                 mask[0] = False  # the padding item
                 initial = principal_components(*features["text"], id_dim) if id_init == "text" else None
-                self.experts[name] = IdExpert(n_items, id_dim, d_model, n_tokens, initial)
+                self.experts[name] = IdExpert(n_items, id_dim, d_model, n_tokens, initial, id_sparse_grad)
             else:
                 embedding, mask = features[name]
                 self.register_buffer(f"{name}_features", embedding.float(), persistent=False)

@@ -58,6 +58,7 @@ class Speeder(SequentialRecommender):
             dropout=config["mrc_dropout"],
             id_dim=config["id_embedding_dim"],
             id_init=config["id_init"],
+            id_sparse_grad=self._lazy_id_update(config),
         )
 
         # SPAE: absolute index and time gap on the item tokens, item distance as an attention bias
@@ -94,6 +95,16 @@ class Speeder(SequentialRecommender):
         if config["predict_mode"] == "generate":
             vocabulary = self.llm.get_output_embeddings().weight.shape[0]
             self.generative = GenerativeAnswerer(config, dataset, self.tokenizer, vocabulary)
+
+    @staticmethod
+    def _lazy_id_update(config) -> bool:
+        """Row-sparse ID-table gradients under the sampled softmax (``lazy_id_update``), in one process only:
+        NCCL all-reduces no sparse gradients, so DDP keeps the table dense."""
+        wanted = bool(config["sampled_softmax_negatives"]) and bool(config["lazy_id_update"])
+        if wanted and torch.distributed.is_initialized():
+            getLogger().info("lazy_id_update: off under DDP (sparse gradients are not all-reduced); dense Adam")
+            return False
+        return wanted
 
     # ------------------------------------------------------------------ MPO's handles
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -22,7 +22,6 @@ import torch
 from recbole.trainer.trainer import Trainer
 from recbole.utils import EvaluatorType, dict2str, early_stopping, set_color
 from torch import nn
-from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_speeder.config.stages import Stage, parse_stages
@@ -40,6 +39,7 @@ from recbole_speeder.trainer.distributed import (
     is_distributed,
     wrap_ddp,
 )
+from recbole_speeder.trainer.lazy_adam import LazyAdam, clip_grad_norm_, sparse_grad_parameters
 from recbole_speeder.trainer.lr_schedule import build_scheduler
 from recbole_speeder.trainer.mpo import MPOSchedule
 from recbole_speeder.trainer.rng import set_rng_state
@@ -95,6 +95,17 @@ class SpeederTrainer(RunCheckpoints, Trainer, DeferredDDP):
         broadcast_module(model)
         if config["resume"]:
             self.resume_checkpoint(config["resume"])
+
+    def _build_optimizer(self, **kwargs):
+        """RecBole's optimizer, but ``LazyAdam`` when a trainable embedding gives sparse gradients
+        (``lazy_id_update``, whose config rule allows only learner adam or adamw): Adam/AdamW for every
+        parameter, touching only the rows a step used."""
+        sparse = {id(p) for p in sparse_grad_parameters(self.model)}
+        params = list(kwargs.get("params", self.model.parameters()))
+        if not any(id(p) in sparse for p in params):
+            return super()._build_optimizer(**{**kwargs, "params": params})
+        return LazyAdam(params, lr=kwargs.get("learning_rate", self.learning_rate), weight_decay=self.weight_decay,
+                        decoupled_weight_decay=self.learner.lower() == "adamw")
 
     # ------------------------------------------------------------------ stages
     @property
