@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         return []
     sizes = parse_sizes(args.sizes)
     rows = []
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n_items, n_interactions in sizes:
             row = Row(n_items, n_interactions)

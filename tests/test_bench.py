@@ -1,5 +1,5 @@
-"""The scale, ranking and profiling benchmarks' paths work end to end at their smallest sizes (bench/scale.py,
-bench/ranking.py, bench/sampled_profile.py; no timing is asserted)."""
+"""The scale, ranking, profiling and dataset-build benchmarks' paths work end to end at their smallest sizes
+(bench/scale.py, bench/ranking.py, bench/sampled_profile.py, bench/dataset_build.py; no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def test_the_scale_benchmark_measures_its_smallest_size(tmp_path, monkeypatch, c
                          "--repeats=1", "--encode_texts=0", "--no_write", f"--workdir={tmp_path}"])
     assert row.stopped == "", row.stopped
     measured = [row.prep_s, row.build_s, row.build_bytes_per_interaction, row.train_full_s_per_1k,
-                row.train_sampled_s_per_1k, row.full_users_per_s, row.candidate_users_per_s]
+                row.train_sampled_s_per_1k, row.train_sampled_dense_adam_s_per_1k, row.full_users_per_s,
+                row.candidate_users_per_s]
     assert all(value is not None and value > 0 for value in measured), row
     assert row.prepared_items == 2000 and 0.5 * 20000 < row.prepared_interactions <= 20000  # duplicates dropped
     assert f"| 2,000 | {row.prepared_interactions:,} |" in capsys.readouterr().out  # the table (--no_write: printed)
@@ -44,3 +45,15 @@ def test_the_sampled_step_profile_times_and_lists_operators(tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert "2,000 items, 20,000 interactions:" in out and " s per step (" in out
     assert "Self CPU time total" in out  # the profiler's table
+
+
+def test_the_dataset_build_benchmark_builds_with_both_classes(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.chdir(tmp_path)
+    from bench import dataset_build
+
+    rows = dataset_build.main(["--sizes=2k:20k", "--no_write", f"--workdir={tmp_path}"])
+    assert [row["kind"] for row in rows] == ["recbole", "speeder"] and not any(row["stopped"] for row in rows)
+    assert all(row["build_s"] > 0 and row["peak_mib"] > 0 for row in rows)
+    assert rows[1]["train_rows"] < rows[0]["train_rows"]  # Speeder's training part is tiled
+    assert "| speeder |" in capsys.readouterr().out
