@@ -72,6 +72,8 @@ def test_compare_list_reads_models_variants_and_inline_overrides():
     # the config reads "[text,id]" as a list, as it reads the command line (tests/test_config_schema.py)
     assert variants[2].overrides == {**VARIANTS["no-spae"], "lora_r": 4, "modalities": "[text,id]"}
     assert variants[2].slug == "Speeder-no-spae-lora_r=4-modalities=-text-id"
+    (esasrec,) = parse_compare("SASRec[esasrec]")
+    assert esasrec.model == "SASRec" and esasrec.overrides["n_layers"] == esasrec.overrides["n_heads"] == 1
     for bad, message in [("Speeder[txet]", "unknown variant 'txet'"), ("SASRec,SASRec", "listed twice"),
                          ("Speeder[text", "unbalanced"), ("", "at least one model")]:
         with pytest.raises(UsageError, match=message):

