@@ -5,7 +5,7 @@ that tile each history and each item's training interactions counted before the 
 RecBole 1.2.1 builds the one-row-per-target table in a Python loop (a slice object per row, one tensor copy per
 row and field) and its leave-one-out split in Python lists, then copies the whole training part before Speeder
 tiles it. Here the same rows, in the same order, come from index arrays, and the training part is tiled before it
-is copied: the build's time and peak memory stay linear in the interactions with a small constant.
+is copied. The table itself (``MAX_ITEM_LIST_LENGTH`` values per row and list field) is still built for every row.
 """
 
 from __future__ import annotations
