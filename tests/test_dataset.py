@@ -9,12 +9,14 @@ import torch
 from recbole.data.dataset import SequentialDataset
 
 from recbole_speeder.data.dataset import (
+    HISTORY_START,
     SpeederDataset,
     item_interaction_counts,
     leave_one_out_index,
     select_rows,
     tiling_window_index,
 )
+from recbole_speeder.evaluation.candidates import row_histories
 
 
 def assert_same_rows(ours, theirs) -> None:
@@ -30,8 +32,14 @@ def test_the_splits_are_recboles_row_for_row(tiny_config, split, all_positions):
     config = tiny_config(MAX_ITEM_LIST_LENGTH=5, train_all_positions=all_positions, user_inter_num_interval="[5,40]",
                          eval_args={"split": {"LS": split}, "order": "TO", "group_by": "user",
                                     "mode": {"valid": "full", "test": "full"}})
-    ours = SpeederDataset(config).build()
-    theirs = SequentialDataset(config).build()
+    ours_whole, theirs_whole = SpeederDataset(config), SequentialDataset(config)
+    ours, theirs = ours_whole.build(), theirs_whole.build()
+    # the whole dataset keeps where each history starts, not the lists: the splits build those for their rows
+    assert ours_whole.item_id_list_field not in ours_whole.inter_feat and HISTORY_START in ours_whole.inter_feat
+    assert not any(HISTORY_START in split.inter_feat for split in ours)
+    for mine, reference in zip(row_histories(ours_whole, ours[2]), row_histories(theirs_whole, theirs[2]), strict=True):
+        assert np.array_equal(mine, reference)  # each test row's history, its users' first items included
+    assert np.array_equal(item_interaction_counts(ours_whole), item_interaction_counts(theirs_whole))
     assert len(theirs[0].inter_feat[theirs[0].item_id_list_field][0]) == 5  # ml-100k rows slide past the window
     counts = item_interaction_counts(theirs[0])
     if all_positions:

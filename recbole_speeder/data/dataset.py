@@ -3,9 +3,11 @@ that tile each history and each item's training interactions counted before the 
 (popularity-sampled negatives).
 
 RecBole 1.2.1 builds the one-row-per-target table in a Python loop (a slice object per row, one tensor copy per
-row and field) and its leave-one-out split in Python lists, then copies the whole training part before Speeder
-tiles it. Here the same rows, in the same order, come from index arrays, and the training part is tiled before it
-is copied. The table itself (``MAX_ITEM_LIST_LENGTH`` values per row and list field) is still built for every row.
+row and field), holds it for every row of the whole dataset, and splits it in Python lists, then copies the whole
+training part before Speeder tiles it. Here the same splits, row for row, come from index arrays: the whole dataset
+keeps each row's history as where it starts in its user's interactions (``HISTORY_START``), and a split builds the
+history lists (``item_id_list``, ``timestamp_list``, ...) for the rows it keeps only, the training part after the
+tiling.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from recbole.utils import FeatureType
 
 LEAVE_ONE_OUT_PARTS = {"valid_and_test": 2, "valid_only": 1, "test_only": 1}
 ROWS_PER_CHUNK = 1 << 20  # rows of a history table filled at once: bounds the index arrays' memory
+HISTORY_START = "history_start"  # the whole dataset's column: where a row's history starts in ``history_source``
 
 
 def tiling_window_index(user_ids: np.ndarray, window: int) -> np.ndarray:
@@ -69,6 +72,16 @@ def select_rows(feat: Interaction, rows: np.ndarray) -> Interaction:
     return Interaction({field: values[index] for field, values in feat.interaction.items()})
 
 
+def history_items(dataset: SequentialDataset, rows: torch.Tensor) -> torch.Tensor:
+    """``item_id_list`` of ``rows``: stored (RecBole's datasets, the splits of Speeder's), or built from where each
+    history starts (the whole of Speeder's dataset)."""
+    feat = dataset.inter_feat
+    if HISTORY_START in feat:
+        lists = dataset.history_lists(feat[HISTORY_START][rows], feat[dataset.item_list_length_field][rows])
+        return lists[dataset.item_id_list_field]
+    return feat[dataset.item_id_list_field][rows]
+
+
 def item_interaction_counts(dataset: SequentialDataset, rows: np.ndarray | None = None) -> np.ndarray:
     """Per item id, the interactions held by a sequential dataset's one-row-per-target rows (all, or ``rows``),
     before any tiling.
@@ -78,42 +91,48 @@ def item_interaction_counts(dataset: SequentialDataset, rows: np.ndarray | None 
     """
     feat = dataset.inter_feat
     rows = torch.arange(len(feat)) if rows is None else torch.as_tensor(rows)
-    first_rows = rows[feat[dataset.item_list_length_field][rows] == 1]
-    firsts = feat[dataset.item_id_list_field][first_rows, 0]
+    firsts = history_items(dataset, rows[feat[dataset.item_list_length_field][rows] == 1])[:, 0]
     items = np.concatenate([feat[dataset.iid_field][rows].numpy(), firsts.numpy()])
     return np.bincount(items, minlength=dataset.item_num)
 
 
 class SpeederDataset(SequentialDataset):
     def data_augmentation(self):
-        """RecBole's one row per target with the up to ``MAX_ITEM_LIST_LENGTH`` items before it, the same table."""
+        """RecBole's one row per target, each history kept as where it starts among its user's interactions
+        (sorted by user and time, in ``history_source``); the history lists are built per split (``build``)."""
         self.logger.debug("data_augmentation")
         self._aug_presets()
         self._check_field("uid_field", "time_field")
         self.sort(by=[self.uid_field, self.time_field], ascending=True)
         targets, starts, lengths = history_windows(self.inter_feat[self.uid_field].numpy(), self.max_item_list_len)
-        table = {self.item_list_length_field: torch.from_numpy(lengths)}
+        self.history_source = {field: values for field, values in self.inter_feat.interaction.items()
+                               if field != self.uid_field}
+        rows = select_rows(self.inter_feat, targets)
+        rows.update(Interaction({self.item_list_length_field: torch.from_numpy(lengths),
+                                 HISTORY_START: torch.from_numpy(starts)}))
+        self.inter_feat = rows
+
+    def history_lists(self, starts: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The list fields of rows whose histories start at ``starts`` and hold ``lengths`` items: RecBole's
+        table, zero-padded to ``MAX_ITEM_LIST_LENGTH``."""
+        starts, lengths = starts.numpy(), lengths.numpy()
         offsets = np.arange(self.max_item_list_len)
-        for field in self.inter_feat:
-            if field == self.uid_field:
-                continue
+        lists = {}
+        for field, values in self.history_source.items():
             list_field = getattr(self, f"{field}_list_field")
             list_len = self.field2seqlen[list_field]
-            shape = (len(targets), *((list_len,) if isinstance(list_len, int) else list_len))
+            shape = (len(starts), *((list_len,) if isinstance(list_len, int) else list_len))
             if (self.field2type[field] in (FeatureType.FLOAT, FeatureType.FLOAT_SEQ)
                     and field in self.config["numerical_features"]):
                 shape += (2,)
-            values = self.inter_feat[field]
             filled = torch.zeros(shape, dtype=values.dtype)
-            for lo in range(0, len(targets), ROWS_PER_CHUNK):
+            for lo in range(0, len(starts), ROWS_PER_CHUNK):
                 hi = lo + ROWS_PER_CHUNK
                 valid = offsets < lengths[lo:hi, None]
                 source = (starts[lo:hi, None] + offsets)[valid]
                 filled[lo:hi][torch.from_numpy(valid)] = values[torch.from_numpy(source)]
-            table[list_field] = filled
-        rows = select_rows(self.inter_feat, targets)
-        rows.update(Interaction(table))
-        self.inter_feat = rows
+            lists[list_field] = filled
+        return lists
 
     def leave_one_out(self, group_by, leave_one_mode):
         """RecBole's leave-one-out split, the same parts; the training part counted, then tiled before it is
@@ -142,6 +161,11 @@ class SpeederDataset(SequentialDataset):
             train.item_train_counts = item_interaction_counts(train)
             rows = train._training_rows(np.arange(len(train.inter_feat)))
             datasets[0] = train.copy(select_rows(train.inter_feat, rows))
+        for split in datasets:
+            if HISTORY_START in split.inter_feat:  # RecBole's benchmark files bring their own lists
+                feat = split.inter_feat
+                feat.update(Interaction(self.history_lists(feat[HISTORY_START], feat[self.item_list_length_field])))
+                feat.drop(HISTORY_START)
         return datasets
 
     def _training_rows(self, rows: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from recbole_speeder.data.dataset import history_items
 from recbole_speeder.errors import UsageError
 
 NO_ITEMS = np.empty(0, dtype=np.int64)
@@ -38,12 +39,15 @@ def _windows(dataset) -> list[np.ndarray]:
 
 def _first_windows(dataset) -> dict[int, np.ndarray]:
     """Items before each user's first row (no row has them as its target): the window of its shortest row."""
-    windows = _windows(dataset)
+    length_field = getattr(dataset, "item_list_length_field", None)
+    if length_field is None or length_field not in dataset.inter_feat:  # not sequential: no windows
+        return {}
     users = dataset.inter_feat[dataset.uid_field].numpy()
-    lengths = np.array([len(window) for window in windows])
+    lengths = dataset.inter_feat[length_field].numpy()
     order = np.lexsort((lengths, users))
     first = order[np.r_[True, users[order][1:] != users[order][:-1]]]
-    return {int(users[row]): windows[row] for row in first}
+    windows = history_items(dataset, torch.from_numpy(first)).numpy()
+    return {int(users[row]): window[: lengths[row]] for row, window in zip(first, windows, strict=True)}
 
 
 def row_histories(full, evaluated) -> list[np.ndarray]:
