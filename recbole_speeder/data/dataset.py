@@ -77,9 +77,19 @@ def history_items(dataset: SequentialDataset, rows: torch.Tensor) -> torch.Tenso
     history starts (the whole of Speeder's dataset)."""
     feat = dataset.inter_feat
     if HISTORY_START in feat:
-        lists = dataset.history_lists(feat[HISTORY_START][rows], feat[dataset.item_list_length_field][rows])
+        lists = dataset.history_lists(feat[HISTORY_START][rows], feat[dataset.item_list_length_field][rows],
+                                      fields=[dataset.iid_field])
         return lists[dataset.item_id_list_field]
     return feat[dataset.item_id_list_field][rows]
+
+
+def first_history_items(dataset: SequentialDataset, rows: torch.Tensor) -> torch.Tensor:
+    """The first item of each of ``rows``' histories, without building the lists: read where a history starts
+    (the whole of Speeder's dataset) or the lists' first column."""
+    feat = dataset.inter_feat
+    if HISTORY_START in feat:
+        return dataset.history_source[dataset.iid_field][feat[HISTORY_START][rows]]
+    return feat[dataset.item_id_list_field][rows, 0]
 
 
 def item_interaction_counts(dataset: SequentialDataset, rows: np.ndarray | None = None) -> np.ndarray:
@@ -91,7 +101,7 @@ def item_interaction_counts(dataset: SequentialDataset, rows: np.ndarray | None 
     """
     feat = dataset.inter_feat
     rows = torch.arange(len(feat)) if rows is None else torch.as_tensor(rows)
-    firsts = history_items(dataset, rows[feat[dataset.item_list_length_field][rows] == 1])[:, 0]
+    firsts = first_history_items(dataset, rows[feat[dataset.item_list_length_field][rows] == 1])
     items = np.concatenate([feat[dataset.iid_field][rows].numpy(), firsts.numpy()])
     return np.bincount(items, minlength=dataset.item_num)
 
@@ -112,13 +122,15 @@ class SpeederDataset(SequentialDataset):
                                  HISTORY_START: torch.from_numpy(starts)}))
         self.inter_feat = rows
 
-    def history_lists(self, starts: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The list fields of rows whose histories start at ``starts`` and hold ``lengths`` items: RecBole's
-        table, zero-padded to ``MAX_ITEM_LIST_LENGTH``."""
+    def history_lists(self, starts: torch.Tensor, lengths: torch.Tensor,
+                      fields: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The list fields (of every field, or of ``fields``) of rows whose histories start at ``starts`` and hold
+        ``lengths`` items: RecBole's table, zero-padded to ``MAX_ITEM_LIST_LENGTH``."""
         starts, lengths = starts.numpy(), lengths.numpy()
         offsets = np.arange(self.max_item_list_len)
         lists = {}
-        for field, values in self.history_source.items():
+        for field in fields or list(self.history_source):
+            values = self.history_source[field]
             list_field = getattr(self, f"{field}_list_field")
             list_len = self.field2seqlen[list_field]
             shape = (len(starts), *((list_len,) if isinstance(list_len, int) else list_len))
