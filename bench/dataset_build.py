@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -65,26 +64,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         build(Path(args.worker), args.kind)
         return []
     rows = []
-    if args.workdir:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        for n_items, n_interactions in scale.parse_sizes(args.sizes):
-            folder = Path(tmp) / f"{n_items}-{n_interactions}"
-            print(f"{n_items:,} items, {n_interactions:,} interactions: generating ...", flush=True)
-            scale.generate(folder / "raw", n_items, n_interactions)
-            _, _, stopped = scale.prepare(folder / "raw", folder / "data", args)
-            if stopped:
-                rows.append({"items": n_items, "interactions": n_interactions, "stopped": f"preparation {stopped}"})
-                continue
-            for kind in CLASSES:
-                print(f"  building with {kind}'s dataset ...", flush=True)
-                done, _, peak, stopped = scale.run_child(
-                    [sys.executable, __file__, f"--worker={folder / 'data'}", f"--kind={kind}"],
-                    args.max_rss_gb, args.timeout)
-                lines = [line for line in (done.stdout or "").splitlines() if line.startswith("{")]
-                result = json.loads(lines[-1]) if lines else {}
-                rows.append({"items": n_items, "interactions": scale.prepared_counts(folder / "data")[1],
-                             "kind": kind, "peak_mib": peak, "stopped": stopped, **result})
+    for n_items, n_interactions, data, (_, _, stopped) in scale.prepared_sizes(scale.parse_sizes(args.sizes), args):
+        if stopped:
+            rows.append({"items": n_items, "interactions": n_interactions, "stopped": f"preparation {stopped}"})
+            continue
+        for kind in CLASSES:
+            print(f"  building with {kind}'s dataset ...", flush=True)
+            done, _, peak, stopped = scale.run_child([sys.executable, __file__, f"--worker={data}", f"--kind={kind}"],
+                                                     args.max_rss_gb, args.timeout)
+            rows.append({"items": n_items, "interactions": scale.prepared_counts(data)[1], "kind": kind,
+                         "peak_mib": peak, "stopped": stopped, **scale.child_result(done)})
     lines = ["| items | interactions | dataset | build s | peak MiB | held bytes / interaction | training rows "
              "| stopped |", "|---:|---:|---|---:|---:|---:|---:|---|"]
     for row in rows:

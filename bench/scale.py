@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +152,25 @@ def prepare(raw: Path, data: Path, args) -> tuple[float | None, float, str]:
     vectors = np.random.default_rng(0).standard_normal((len(tokens), FEATURE_DIM), dtype=np.float32)
     save_item_features(data / DATASET, DATASET, "text", tokens, vectors, encoder="synthetic", source_sha256="-")
     return seconds, peak, ""
+
+
+def prepared_sizes(sizes: list[tuple[int, int]], args) -> Iterator[tuple[int, int, Path, tuple]]:
+    """Each size generated and prepared in turn under ``--workdir`` (in a temporary folder removed at the end):
+    ``(items, interactions, prepared data folder, prepare()'s (seconds, peak MiB, why it stopped))``."""
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for n_items, n_interactions in sizes:
+            folder = Path(tmp) / f"{n_items}-{n_interactions}"
+            print(f"{n_items:,} items, {n_interactions:,} interactions: generating ...", flush=True)
+            generate(folder / "raw", n_items, n_interactions)
+            yield n_items, n_interactions, folder / "data", prepare(folder / "raw", folder / "data", args)
+
+
+def child_result(done: subprocess.CompletedProcess) -> dict:
+    """The last JSON line a measuring child printed (it prints one as each phase ends), or ``{}``."""
+    lines = [line for line in (done.stdout or "").splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
 
 
 def prepared_counts(data: Path) -> tuple[int, int]:
@@ -319,29 +339,21 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.worker:
         measure(Path(args.worker), args)
         return []
-    sizes = parse_sizes(args.sizes)
     rows = []
-    if args.workdir:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        for n_items, n_interactions in sizes:
-            row = Row(n_items, n_interactions)
-            rows.append(row)
-            folder = Path(tmp) / f"{n_items}-{n_interactions}"
-            print(f"{n_items:,} items, {n_interactions:,} interactions: generating ...", flush=True)
-            generate(folder / "raw", n_items, n_interactions)
-            row.prep_s, row.prep_peak_mib, row.stopped = prepare(folder / "raw", folder / "data", args)
-            if row.prep_s is None:
-                continue
-            row.prepared_items, row.prepared_interactions = prepared_counts(folder / "data")
-            print("  measuring ...", flush=True)
-            done, _, row.peak_mib, row.stopped = run_child(
-                [sys.executable, __file__, f"--worker={folder / 'data'}", f"--backbone_path={args.backbone_path}",
-                 f"--train_rows={args.train_rows}", f"--eval_users={args.eval_users}", f"--repeats={args.repeats}"],
-                args.max_rss_gb, args.timeout)
-            lines = [line for line in (done.stdout or "").splitlines() if line.startswith("{")]  # the phases done
-            for key, value in (json.loads(lines[-1]) if lines else {}).items():
-                setattr(row, key, value)
+    for n_items, n_interactions, data, prepared in prepared_sizes(parse_sizes(args.sizes), args):
+        row = Row(n_items, n_interactions)
+        rows.append(row)
+        row.prep_s, row.prep_peak_mib, row.stopped = prepared
+        if row.prep_s is None:
+            continue
+        row.prepared_items, row.prepared_interactions = prepared_counts(data)
+        print("  measuring ...", flush=True)
+        done, _, row.peak_mib, row.stopped = run_child(
+            [sys.executable, __file__, f"--worker={data}", f"--backbone_path={args.backbone_path}",
+             f"--train_rows={args.train_rows}", f"--eval_users={args.eval_users}", f"--repeats={args.repeats}"],
+            args.max_rss_gb, args.timeout)
+        for key, value in child_result(done).items():
+            setattr(row, key, value)
     rate = encoding_rate(args.encode_texts) if args.encode_texts else None
     text = "\n".join([
         f"### {utc_now()}", "", f"`{command_line()}`", "", f"Machine: {machine_line()}.", "",
