@@ -469,14 +469,16 @@ def test_retest_reproduces_a_runs_test_and_tests_the_checkpoint_under_other_keys
         main([str(tmp_path / "missing.pth")])
 
 
+@pytest.mark.parametrize("metrics", [["Hit", "NDCG"], ["Hit", "NDCG", "VHR"]], ids=["chunked-ranking", "score-matrix"])
 def test_slices_split_the_full_ranking_test_by_target_popularity_and_pair_each_run_with_the_first(
-        toy_root, toy_dict, tmp_path, monkeypatch, capsys):
+        toy_root, toy_dict, tmp_path, monkeypatch, capsys, metrics):
     """Two runs' test users by slice: RecBole's own full-ranking numbers over all users, slices that partition them
-    by the target's training count (every interaction but the valid and test targets) and paired differences."""
+    by the target's training count (every interaction but the valid and test targets) and paired differences.
+    Ranking metrics alone let Speeder rank in item chunks; VHR needs every score, so it scores a matrix."""
     from recbole_speeder.experiments.slices import POPULARITY_EDGES, bucket_labels, main
 
     monkeypatch.chdir(tmp_path)
-    saved = {**toy_dict, "checkpoint_dir": str(tmp_path / "saved"), "eval_full_beside": True}
+    saved = {**toy_dict, "checkpoint_dir": str(tmp_path / "saved"), "eval_full_beside": True, "metrics": metrics}
     runs = {"sasrec": run_recbole_speeder("SASRec", DATASET, config_dict=saved),
             "speeder": run_recbole_speeder("Speeder", DATASET, config_dict=saved)}
     checkpoints = [f"sasrec={next((tmp_path / 'saved').glob('SASRec-*.pth'))}",

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from recbole_speeder.errors import ArgumentParser, UsageError
+from recbole_speeder.evaluation.ranking import Ranking
 
 TOPK = 10
 POPULARITY_EDGES = (4, 8, 16, 32)  # training interactions of the target item: <=4, 5-8, 9-16, 17-32, >32
@@ -67,11 +68,15 @@ def rank_test_users(checkpoint: str, config_dict: dict) -> Ranked:
 
     def recording(batch):
         interaction, scores, positive_u, positive_i = score_batch(batch)
-        if len(positive_u) != scores.shape[0]:
+        ranked = isinstance(scores, Ranking)  # Speeder ranks in item chunks without a score matrix
+        if len(positive_u) != (scores.n_rows if ranked else scores.shape[0]):
             raise UsageError("slices needs one test target per user (RecBole's leave-one-out split)")
-        top = torch.topk(scores, TOPK, dim=-1).indices.cpu()  # as RecBole's evaluator takes the top k
-        hit = top[positive_u.cpu()] == positive_i.cpu().unsqueeze(1)
-        ranks.append(torch.where(hit.any(1), hit.float().argmax(1), torch.tensor(TOPK)).numpy())
+        if ranked:
+            ranks.append(scores.positive_rank.clamp(max=TOPK).cpu().numpy())
+        else:
+            top = torch.topk(scores, TOPK, dim=-1).indices.cpu()  # as RecBole's evaluator takes the top k
+            hit = top[positive_u.cpu()] == positive_i.cpu().unsqueeze(1)
+            ranks.append(torch.where(hit.any(1), hit.float().argmax(1), torch.tensor(TOPK)).numpy())
         users.append(interaction[config["USER_ID_FIELD"]].cpu().numpy())
         targets.append(positive_i.cpu().numpy())
         history.append(interaction[config["ITEM_LIST_LENGTH_FIELD"]].cpu().numpy())
