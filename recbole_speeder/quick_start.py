@@ -20,10 +20,12 @@ from recbole_speeder.errors import UsageError
 from recbole_speeder.evaluation.protocol import (
     evaluate_test,
     exclude_history,
+    fit_eval_batch_size,
     sample_eval_users,
     seed_eval_candidates,
     tag_results_with_protocol,
 )
+from recbole_speeder.evaluation.ranking import ranks_without_score_matrix
 from recbole_speeder.trainer.checkpoint_file import read_checkpoint
 from recbole_speeder.trainer.distributed import node_main_process_first, torchrun_launch
 from recbole_speeder.trainer.rng import seed_run
@@ -95,6 +97,8 @@ def build_data_and_model(config) -> tuple[object, tuple, torch.nn.Module]:
     with node_main_process_first(config["local_rank"]):  # one process per node prepares the data
         data = create_dataset(config)
     logger.info(data)
+    similarity = getattr(get_model(config["model"]), "ranks_by_similarity", lambda config: False)(config)
+    fit_eval_batch_size(config, data.item_num, ranks_without_score_matrix(config, similarity))
     train_data, valid_data, test_data = data_preparation(config, data)
     valid_data, test_data = sample_eval_users(config, valid_data, test_data)
     seed_eval_candidates(config, valid_data, test_data)

@@ -1,5 +1,6 @@
 """The scale, ranking, profiling and dataset-build benchmarks' paths work end to end at their smallest sizes
-(bench/scale.py, bench/ranking.py, bench/sampled_profile.py, bench/dataset_build.py; no timing is asserted)."""
+(bench/scale.py, bench/ranking.py, bench/sampled_profile.py, bench/dataset_build.py, bench/eval_batch.py; no timing
+is asserted)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,16 @@ def test_the_dataset_build_benchmark_builds_with_both_classes(tmp_path, monkeypa
     assert all(row["build_s"] > 0 and row["peak_mib"] > 0 for row in rows)
     assert rows[1]["train_rows"] < rows[0]["train_rows"]  # Speeder's training part is tiled
     assert "| speeder |" in capsys.readouterr().out
+
+
+def test_the_evaluation_batch_benchmark_fits_the_batch_and_ranks_the_same(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.chdir(tmp_path)
+    from bench import eval_batch
+
+    rows = eval_batch.main(["--sizes=2k:20k", "--eval_users=64", "--eval_scores_per_batch=40000", "--no_write",
+                            f"--workdir={tmp_path}"])
+    assert [row["setting"] for row in rows] == ["fitted", "1024"] and not any(row["stopped"] for row in rows)
+    assert [row["eval_batch_size"] for row in rows] == [40000 // (rows[0]["items"] + 1), 1024]  # + the padding item
+    assert rows[0]["ndcg@10"] == rows[1]["ndcg@10"] and all(row["users_per_s"] > 0 for row in rows)
+    assert f"| fitted: {rows[0]['eval_batch_size']} |" in capsys.readouterr().out

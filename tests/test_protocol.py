@@ -435,6 +435,39 @@ def test_speeder_evaluation_without_the_matrix_equals_recbole_dense_path(toy_dic
     assert not gauc._ranks_sparsely()
 
 
+FULL = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}
+
+
+@pytest.mark.parametrize(("model", "overrides", "expected"), [
+    ("SASRec", {"eval_args": FULL}, 5),  # 5 users x 41 items fit the budget, 6 do not
+    ("SASRec", {"eval_args": FULL, "eval_batch_size": 1024}, 1024),  # set by the user: kept
+    ("Speeder", {"eval_args": FULL, "metrics": ["Hit", "NDCG"]}, 1024),  # ranks in item chunks: the default stays
+    ("Speeder", {"eval_args": FULL}, 5),  # VHR reads every score: a [users x items] matrix
+    ("SASRec", {}, 20),  # uni19: never less than one candidate list
+], ids=["recbole-full", "user-set", "speeder-chunks", "speeder-dense", "recbole-uni19"])
+def test_an_unset_eval_batch_size_is_fitted_to_the_catalogue_where_a_batch_scores_every_item(
+        toy_dict, caplog, model, overrides, expected):
+    """``eval_scores_per_batch`` bounds a batch's [users x items] scores when ``eval_batch_size`` is not set, and
+    the metrics do not depend on it."""
+    from recbole_speeder.quick_start import build_data_and_model
+    from recbole_speeder.utils import get_trainer
+
+    settings = {**toy_dict, "eval_scores_per_batch": 6 * (ITEMS + 1) - 1, **overrides}
+    config = Config(model, DATASET, config_dict=settings)
+    with caplog.at_level("INFO"):
+        _, (_, valid, _), recommender = build_data_and_model(config)
+    assert config["eval_batch_size"] == expected
+    assert (f"eval_batch_size: {expected} (not set" in caplog.text) == (expected != 1024)
+    if overrides.get("eval_args") is FULL:
+        assert max(batch[0].length for batch in valid) == min(expected, USERS)
+    if expected < USERS and overrides.get("eval_args") is FULL:
+        fitted = get_trainer(config["MODEL_TYPE"], model)(config, recommender).evaluate(valid, load_best_model=False)
+        config = Config(model, DATASET, config_dict={**settings, "eval_batch_size": 1024})
+        _, (_, valid, _), recommender = build_data_and_model(config)
+        whole = get_trainer(config["MODEL_TYPE"], model)(config, recommender).evaluate(valid, load_best_model=False)
+        assert fitted == whole
+
+
 def test_retest_reproduces_a_runs_test_and_tests_the_checkpoint_under_other_keys(toy_dict, tmp_path, monkeypatch,
                                                                                   capsys):
     """A RecBole and a Speeder checkpoint tested again: the run's own result, then another decoder and user sample."""

@@ -258,6 +258,7 @@ SCHEMA: dict[str, Key] = {
     "topk": Key(list, item=int, minimum=1),
     "valid_metric": Key(str, rule=_valid_metric_rule, phrase="one of metrics at a cut-off of topk, e.g. NDCG@10"),
     "eval_batch_size": Key(int, minimum=1),
+    "eval_scores_per_batch": Key(int, minimum=1),
     "MAX_ITEM_LIST_LENGTH": Key(int, minimum=1),
     "eval_candidates": Key(str, choices=EVAL_CANDIDATES),
     "candidate_negatives": Key(str, choices=CANDIDATE_NEGATIVES),

@@ -129,6 +129,25 @@ def check_list_batches(config) -> None:
             )
 
 
+def fit_eval_batch_size(config, n_items: int, ranks_in_chunks: bool) -> None:
+    """RecBole's full ranking holds ``[eval_batch_size x items]`` scores and as large a matrix of hits per batch
+    (4 GB each at a million items and 1,024 users), and its sampled modes a ``-inf`` matrix of that width. When the
+    user did not set ``eval_batch_size``, lower it so one batch scores at most ``eval_scores_per_batch`` (user,
+    item) pairs, keeping a whole candidate list per batch. A model that ranks in item chunks (``ranks_in_chunks``)
+    holds ``[eval_batch_size x ranking_chunk_size]`` at any catalogue size and keeps it."""
+    if ranks_in_chunks or "eval_batch_size" in config.external_config_dict:
+        return
+    chosen, budget = config["eval_batch_size"], config["eval_scores_per_batch"]
+    one_list = max(candidate_count(config, phase) or 1 for phase in ("valid", "test"))
+    fitted = max(budget // n_items, one_list)
+    if fitted < chosen:
+        config["eval_batch_size"] = fitted
+        logging.getLogger().info(
+            f"eval_batch_size: {fitted} (not set; {chosen} users x {n_items:,} items would pass eval_scores_per_batch"
+            f" = {budget:,} scores per batch)"
+        )
+
+
 def seed_eval_candidates(config, *loaders) -> None:
     """Make the sampled evaluation loaders draw their negatives by ``candidate_negatives``, from per-user seeded
     RNGs with ``eval_candidates: seeded``; loaders already set up and full-ranking ones are left as they are."""

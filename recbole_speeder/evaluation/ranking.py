@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from recbole.evaluator.collector import Collector
+from recbole.evaluator.register import Register
+from recbole.utils import EvaluatorType
 
 DENSE_NEEDS = ("rec.meanrank", "rec.score", "data.label")  # what a Ranking cannot give
 
@@ -154,11 +156,16 @@ def rank_candidates(
     return Ranking(positive_u, _missing_last(rank, true_score, n_items), n_rows, best)
 
 
+def ranks_without_score_matrix(config, scores_by_similarity: bool) -> bool:
+    """Whether evaluation ranks here rather than through RecBole's ``[users x items]`` scores: the model's scores
+    are user-item similarities, the metrics rank, and none of them needs every score."""
+    register = Register(config)
+    return (scores_by_similarity and config["eval_type"] == EvaluatorType.RANKING
+            and not any(register.need(key) for key in DENSE_NEEDS))
+
+
 class RankingCollector(Collector):
     """RecBole's collector, which also takes a :class:`Ranking` in place of a batch's score matrix."""
-
-    def needs_dense_scores(self) -> bool:
-        return any(self.register.need(key) for key in DENSE_NEEDS)
 
     def needs_items(self) -> bool:
         return bool(self.register.need("rec.items"))

@@ -238,11 +238,12 @@ class Speeder(SequentialRecommender):
         users, items = self.full_sort_factors(interaction)
         return outside_inference_mode(users @ items.T)
 
-    @property
-    def scores_by_similarity(self) -> bool:
+    @staticmethod
+    def ranks_by_similarity(config) -> bool:
         """Whether scores are user-item similarities (``predict_mode: score``), so evaluation may rank without a
-        ``[users x items]`` matrix (``evaluation/ranking.py``)."""
-        return self.generative is None
+        ``[users x items]`` matrix (``evaluation/ranking.py``); read from the config, since the evaluation batch is
+        sized from it before the model is built."""
+        return config["predict_mode"] == "score"
 
     def full_sort_factors(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
         """User vectors ``[B, d]`` and every item's output vector ``[n_items, d]``: full ranking scores their

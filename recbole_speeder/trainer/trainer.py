@@ -20,14 +20,19 @@ from time import time
 import numpy as np
 import torch
 from recbole.trainer.trainer import Trainer
-from recbole.utils import EvaluatorType, dict2str, early_stopping, set_color
+from recbole.utils import dict2str, early_stopping, set_color
 from torch import nn
 from tqdm import tqdm
 
 from recbole_speeder.config.stages import Stage, parse_stages
 from recbole_speeder.errors import UsageError
 from recbole_speeder.evaluation.metrics import rank_invalid_last
-from recbole_speeder.evaluation.ranking import RankingCollector, rank_all_items, rank_candidates
+from recbole_speeder.evaluation.ranking import (
+    RankingCollector,
+    rank_all_items,
+    rank_candidates,
+    ranks_without_score_matrix,
+)
 from recbole_speeder.trainer.checkpoint_file import CheckpointError
 from recbole_speeder.trainer.checkpointing import BEST_SUFFIX, RESUME_SUFFIX, RunCheckpoints
 from recbole_speeder.trainer.distributed import (
@@ -305,11 +310,8 @@ class SpeederTrainer(RunCheckpoints, Trainer, DeferredDDP):
     def _ranks_sparsely(self) -> bool:
         """Whether this evaluation ranks without a ``[users x items]`` matrix (``evaluation/ranking.py``): a
         similarity-scoring model, ranking metrics, none of which needs every score."""
-        return (
-            getattr(self.model, "scores_by_similarity", False)
-            and self.config["eval_type"] == EvaluatorType.RANKING
-            and not self.eval_collector.needs_dense_scores()
-        )
+        similarity = getattr(self.model, "ranks_by_similarity", lambda config: False)(self.config)
+        return ranks_without_score_matrix(self.config, similarity)
 
     def _full_sort_batch_eval(self, batched_data):
         if not self._ranks_sparsely():
