@@ -546,6 +546,43 @@ def test_slices_split_the_full_ranking_test_by_target_popularity_and_pair_each_r
     assert stop.value.code == 2 and "at least two checkpoints" in capsys.readouterr().err
 
 
+def test_slices_combine_gives_each_slices_mean_and_std_over_seed_reports(tmp_path, capsys):
+    """``--combine``: per slice, each model's mean ± sample std over the reports, and later models as a multiple of
+    the first; reports that slice other users are refused."""
+    from recbole_speeder.experiments.slices import HISTORY_EDGES, Ranked, bucket_labels, bucket_order, main, slice_means
+
+    rng = np.random.default_rng(0)
+    history = rng.integers(1, 30, 200)
+    labels = bucket_labels(history, HISTORY_EDGES)
+
+    def run() -> Ranked:
+        return Ranked(np.arange(200), np.arange(200), history, rng.integers(0, 11, 200), np.zeros(1), {})
+
+    seeds = [{"base": run(), "other": run()} for _ in range(3)]
+    paths = []
+    for i, runs in enumerate(seeds):
+        paths.append(tmp_path / f"seed{i}.json")
+        paths[-1].write_text(json.dumps({"slices": {"history length": slice_means(runs, labels,
+                                                                                    bucket_order(HISTORY_EDGES))}}))
+    lines = main(["--combine", *map(str, paths)])["combined"]
+    assert lines == capsys.readouterr().out.strip().splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line.strip("| ").split(" | ") for line in lines[2:]}
+    assert set(rows) == {*labels, "all"} and int(rows["all"][1]) == 200
+    label = labels[0]
+    ndcg = {name: [np.where(r[name].ranks < 10, 1 / np.log2(r[name].ranks + 2.0), 0)[labels == label].mean()
+                   for r in seeds] for name in ("base", "other")}
+    for column, name in ((2, "base"), (3, "other")):  # the ndcg@10 columns
+        assert rows[label][column].startswith(f"{np.mean(ndcg[name]):.4f} ± {np.std(ndcg[name], ddof=1):.4f}")
+    assert rows[label][3].endswith(f"({np.mean(ndcg['other']) / np.mean(ndcg['base']):.2f}x)")
+
+    shifted = json.loads(paths[0].read_text())
+    shifted["slices"]["history length"]["all"]["users"] += 1
+    paths[0].write_text(json.dumps(shifted))
+    with pytest.raises(SystemExit) as stop:
+        main(["--combine", *map(str, paths)])
+    assert stop.value.code == 2 and "other users" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ generative
 @pytest.fixture(scope="module")
 def free_speeder(toy_dict):

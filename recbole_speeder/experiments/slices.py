@@ -1,6 +1,7 @@
 """Where do two trained models differ? Full-ranking accuracy by slice of test users, paired against the first.
 
-``python -m recbole_speeder.experiments.slices pretrained.safetensors shuffled.safetensors``
+``python -m recbole_speeder.experiments.slices pretrained.safetensors shuffled.safetensors --out=seed2020.json``
+``python -m recbole_speeder.experiments.slices --combine seed2020.json seed2021.json seed2022.json``
 
 A pretrained LLM should help most where the ID signal is thin: test targets that are rare in training, users
 with short histories. A tie over all users can hide such a gap, or confirm there is none. Each checkpoint (Speeder
@@ -9,7 +10,7 @@ items for every test user, exactly as the run's full-ranking test does. Users ar
 their target item and by their history length; each slice reports NDCG@10 and Hit@10 per model and every model's
 difference from the first with its paired standard error over the slice's users, so one seed already says
 whether a gap stands out from the noise of which users a slice holds (not from seed-to-seed noise: for that,
-repeat over seeds).
+repeat over seeds and ``--combine`` the reports: each slice's mean ± std over them).
 """
 
 from __future__ import annotations
@@ -130,6 +131,53 @@ def slice_table(runs: dict[str, Ranked], by: str, labels: np.ndarray, order: lis
     return rows
 
 
+def slice_means(runs: dict[str, Ranked], labels: np.ndarray, order: list[str]) -> dict[str, dict]:
+    """Per slice (and ``all``): its users and each model's mean metrics, the numbers :func:`combine` reads."""
+    metrics = {name: per_user_metrics(run.ranks) for name, run in runs.items()}
+    means = {}
+    for label in [*order, "all"]:
+        mask = np.ones(len(labels), bool) if label == "all" else labels == label
+        if mask.any():
+            means[label] = {"users": int(mask.sum()), "models": {
+                name: {metric: float(values[mask].mean()) for metric, values in per_user.items()}
+                for name, per_user in metrics.items()}}
+    return means
+
+
+def combine(reports: list[dict]) -> list[str]:
+    """Markdown rows per slicing of several reports (runs of other seeds on one split): each model's mean ± sample
+    std over the reports and, for every later model, that mean as a multiple of the first model's. The models are
+    those every report holds."""
+    if any("slices" not in report for report in reports):
+        raise UsageError("a report without per-slice numbers: write it again with this version's --out")
+    first = reports[0]["slices"]
+    names = [name for name in next(iter(next(iter(first.values())).values()))["models"]
+             if all(name in table[label]["models"] for report in reports for table in report["slices"].values()
+                    for label in table)]
+    lines = []
+    for by, table in first.items():
+        users = {label: row["users"] for label, row in table.items()}
+        if any({label: row["users"] for label, row in report["slices"][by].items()} != users for report in reports):
+            raise UsageError(f"the reports slice other users by {by}: combine reports of one dataset and split")
+        metrics = list(table["all"]["models"][names[0]])
+        header = [by, "users"] + [f"{name} {metric}" + (f" (x {names[0]})" if name != names[0] else "")
+                                  for metric in metrics for name in names]
+        lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        for label in table:
+            cells = [label, str(users[label])]
+            for metric in metrics:
+                values = {name: np.array([report["slices"][by][label]["models"][name][metric] for report in reports])
+                          for name in names}
+                for name in names:
+                    cell = f"{values[name].mean():.4f} ± {values[name].std(ddof=1) if len(reports) > 1 else 0:.4f}"
+                    if name != names[0] and values[names[0]].mean() > 0:
+                        cell += f" ({values[name].mean() / values[names[0]].mean():.2f}x)"
+                    cells.append(cell)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines[:-1]
+
+
 def compare(checkpoints: dict[str, str], config_dict: dict) -> dict:
     """Rank the test users with every checkpoint: each run's RecBole metrics and the slice tables (markdown rows)."""
     runs = {name: rank_test_users(path, config_dict) for name, path in checkpoints.items()}
@@ -146,6 +194,8 @@ def compare(checkpoints: dict[str, str], config_dict: dict) -> dict:
         "by_target_popularity": slice_table(runs, "target's training interactions", popularity,
                                             bucket_order(POPULARITY_EDGES)),
         "by_history_length": slice_table(runs, "history length", history, bucket_order(HISTORY_EDGES)),
+        "slices": {"target's training interactions": slice_means(runs, popularity, bucket_order(POPULARITY_EDGES)),
+                   "history length": slice_means(runs, history, bucket_order(HISTORY_EDGES))},
     }
 
 
@@ -154,7 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("checkpoints", nargs="+", help="NAME=PATH or PATH of each run's best checkpoint; "
                                                        "the first is the reference")
     parser.add_argument("--out", help="also write the report as JSON to this file")
+    parser.add_argument("--combine", action="store_true", help="the arguments are --out reports of one split (e.g. "
+                        "one per seed): print each slice's mean ± std over them")
     args, flags = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.combine:
+        return _combine_files(args.checkpoints)
     try:
         from recbole_speeder.experiments.retest import parse_overrides
 
@@ -171,6 +225,22 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _combine_files(paths: list[str]) -> dict:
+    try:
+        reports = []
+        for path in paths:
+            try:
+                reports.append(json.loads(Path(path).read_text()))
+            except (OSError, ValueError) as err:
+                raise UsageError(f"{path} is not a slices report: {err}") from None
+        lines = combine(reports)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print("\n".join(lines))
+    return {"reports": paths, "combined": lines}
 
 
 if __name__ == "__main__":
