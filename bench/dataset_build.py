@@ -50,30 +50,14 @@ def build(data: Path, kind: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="10k:200k,10k:2m,10k:20m", help="items:interactions, comma-separated")
-    parser.add_argument("--max_rss_gb", type=float, default=20.0, help="stop a child above this resident memory")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="stop a child after this many seconds")
-    parser.add_argument("--workdir", default=None, help="where the data is generated (default: a temporary folder)")
-    parser.add_argument("--output", default="BENCHMARKS.md", help="file the run is appended to")
-    parser.add_argument("--no_write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # the building child: a data folder
+    parser = scale.size_parser(__doc__.split("\n\n")[0], "10k:200k,10k:2m,10k:20m")
     parser.add_argument("--kind", choices=CLASSES, default="speeder", help=argparse.SUPPRESS)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         build(Path(args.worker), args.kind)
         return []
-    rows = []
-    for n_items, n_interactions, data, (_, _, stopped) in scale.prepared_sizes(scale.parse_sizes(args.sizes), args):
-        if stopped:
-            rows.append({"items": n_items, "interactions": n_interactions, "stopped": f"preparation {stopped}"})
-            continue
-        for kind in CLASSES:
-            print(f"  building with {kind}'s dataset ...", flush=True)
-            done, _, peak, stopped = scale.run_child([sys.executable, __file__, f"--worker={data}", f"--kind={kind}"],
-                                                     args.max_rss_gb, args.timeout)
-            rows.append({"items": n_items, "interactions": scale.prepared_counts(data)[1], "kind": kind,
-                         "peak_mib": peak, "stopped": stopped, **scale.child_result(done)})
+    rows = scale.child_rows(args, __file__, {kind: [f"--kind={kind}"] for kind in CLASSES}, "kind",
+                            "building with {}'s dataset")
     lines = ["| items | interactions | dataset | build s | peak MiB | held bytes / interaction | training rows "
              "| stopped |", "|---:|---:|---|---:|---:|---:|---:|---|"]
     for row in rows:

@@ -54,36 +54,19 @@ def evaluate(data: Path, setting: str, eval_users: int, budget: int | None) -> N
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1m:2m", help="items:interactions, comma-separated")
+    parser = scale.size_parser(__doc__.split("\n\n")[0], "1m:2m")
     parser.add_argument("--eval_users", type=int, default=4096, help="test users ranked per setting")
     parser.add_argument("--eval_scores_per_batch", type=int, default=None, help="the fitted run's bound (default: "
                         "the run's own)")
-    parser.add_argument("--max_rss_gb", type=float, default=20.0, help="stop a child above this resident memory")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="stop a child after this many seconds")
-    parser.add_argument("--workdir", default=None, help="where the data is generated (default: a temporary folder)")
-    parser.add_argument("--output", default="BENCHMARKS.md", help="file the run is appended to")
-    parser.add_argument("--no_write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # the evaluating child: a data folder
     parser.add_argument("--setting", choices=SETTINGS, default="fitted", help=argparse.SUPPRESS)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         evaluate(Path(args.worker), args.setting, args.eval_users, args.eval_scores_per_batch)
         return []
-    rows = []
-    for n_items, n_interactions, data, (_, _, stopped) in scale.prepared_sizes(scale.parse_sizes(args.sizes), args):
-        if stopped:
-            rows.append({"items": n_items, "interactions": n_interactions, "stopped": f"preparation {stopped}"})
-            continue
-        for setting in SETTINGS:
-            print(f"  evaluating with eval_batch_size {setting} ...", flush=True)
-            done, _, peak, stopped = scale.run_child(
-                [sys.executable, __file__, f"--worker={data}", f"--setting={setting}",
-                 f"--eval_users={args.eval_users}",
-                 *([f"--eval_scores_per_batch={args.eval_scores_per_batch}"] if args.eval_scores_per_batch else [])],
-                args.max_rss_gb, args.timeout)
-            rows.append({"items": scale.prepared_counts(data)[0], "interactions": scale.prepared_counts(data)[1],
-                         "setting": setting, "peak_mib": peak, "stopped": stopped, **scale.child_result(done)})
+    shared = [f"--eval_users={args.eval_users}",
+              *([f"--eval_scores_per_batch={args.eval_scores_per_batch}"] if args.eval_scores_per_batch else [])]
+    rows = scale.child_rows(args, __file__, {setting: [f"--setting={setting}", *shared] for setting in SETTINGS},
+                            "setting", "evaluating with eval_batch_size {}")
     lines = ["| items | interactions | eval_batch_size | users/s | held before evaluating, MiB | peak MiB "
              "| test NDCG@10 | stopped |", "|---:|---:|---|---:|---:|---:|---:|---|"]
     for row in rows:

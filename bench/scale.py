@@ -167,6 +167,40 @@ def prepared_sizes(sizes: list[tuple[int, int]], args) -> Iterator[tuple[int, in
             yield n_items, n_interactions, folder / "data", prepare(folder / "raw", folder / "data", args)
 
 
+def size_parser(description: str, sizes: str) -> argparse.ArgumentParser:
+    """The options of every benchmark over generated sizes: the sizes, each child's limits, where the data and the
+    results go, and the measuring child's hidden ``--worker`` (its data folder)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", default=sizes, help=f"items:interactions, comma-separated ({sizes})")
+    parser.add_argument("--max_rss_gb", type=float, default=20.0, help="stop a child above this resident memory")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="stop a child after this many seconds")
+    parser.add_argument("--workdir", default=None, help="where the data is generated (default: a temporary folder)")
+    parser.add_argument("--output", default="BENCHMARKS.md", help="file the run is appended to")
+    parser.add_argument("--no_write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def child_rows(args, script: str, variants: dict[str, list[str]], name: str, progress: str) -> list[dict]:
+    """For each generated and prepared size, one child per variant (``script --worker=<data> *flags``): a row with
+    the size (``items`` as generated, ``prepared_items`` and ``interactions`` as prepared), the variant under
+    ``name``, the child's peak MiB, why it stopped and its last JSON line; a size whose preparation stopped is one
+    row saying so. ``progress`` is printed per child, the variant in its ``{}``."""
+    rows = []
+    for n_items, n_interactions, data, (_, _, stopped) in prepared_sizes(parse_sizes(args.sizes), args):
+        if stopped:
+            rows.append({"items": n_items, "interactions": n_interactions, "stopped": f"preparation {stopped}"})
+            continue
+        prepared_items, prepared_interactions = prepared_counts(data)
+        for variant, flags in variants.items():
+            print(f"  {progress.format(variant)} ...", flush=True)
+            done, _, peak, stopped = run_child([sys.executable, script, f"--worker={data}", *flags],
+                                               args.max_rss_gb, args.timeout)
+            rows.append({"items": n_items, "prepared_items": prepared_items, "interactions": prepared_interactions,
+                         name: variant, "peak_mib": peak, "stopped": stopped, **child_result(done)})
+    return rows
+
+
 def child_result(done: subprocess.CompletedProcess) -> dict:
     """The last JSON line a measuring child printed (it prints one as each phase ends), or ``{}``."""
     lines = [line for line in (done.stdout or "").splitlines() if line.startswith("{")]
@@ -317,20 +351,13 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"items:interactions, comma-separated ({DEFAULT_SIZES})")
+    parser = size_parser(__doc__.split("\n\n")[0], DEFAULT_SIZES)
     parser.add_argument("--backbone_path", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="Speeder's backbone")
     parser.add_argument("--train_rows", type=int, default=64, help="training windows per timed step")
     parser.add_argument("--eval_users", type=int, default=256, help="users per timed scoring call")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per measurement")
     parser.add_argument("--encode_texts", type=int, default=512, help="titles for MiniLM's items/s (0: skip)")
-    parser.add_argument("--max_rss_gb", type=float, default=20.0, help="stop a child above this resident memory")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="stop a child after this many seconds")
-    parser.add_argument("--workdir", default=None, help="where the data is generated (default: a temporary folder)")
     parser.add_argument("--plot", default="docs/results/scale.png", help="log-log plot of the run ('' to skip)")
-    parser.add_argument("--output", default="BENCHMARKS.md", help="file the run is appended to")
-    parser.add_argument("--no_write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # the measuring child: a data folder
     return parser.parse_args(argv)
 
 

@@ -68,6 +68,6 @@ def test_the_evaluation_batch_benchmark_fits_the_batch_and_ranks_the_same(tmp_pa
     rows = eval_batch.main(["--sizes=2k:20k", "--eval_users=64", "--eval_scores_per_batch=40000", "--no_write",
                             f"--workdir={tmp_path}"])
     assert [row["setting"] for row in rows] == ["fitted", "1024"] and not any(row["stopped"] for row in rows)
-    assert [row["eval_batch_size"] for row in rows] == [40000 // (rows[0]["items"] + 1), 1024]  # + the padding item
+    assert [row["eval_batch_size"] for row in rows] == [40000 // (rows[0]["prepared_items"] + 1), 1024]  # + padding
     assert rows[0]["ndcg@10"] == rows[1]["ndcg@10"] and all(row["users_per_s"] > 0 for row in rows)
     assert f"| fitted: {rows[0]['eval_batch_size']} |" in capsys.readouterr().out
