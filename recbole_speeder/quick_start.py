@@ -97,8 +97,7 @@ def build_data_and_model(config) -> tuple[object, tuple, torch.nn.Module]:
     with node_main_process_first(config["local_rank"]):  # one process per node prepares the data
         data = create_dataset(config)
     logger.info(data)
-    similarity = getattr(get_model(config["model"]), "ranks_by_similarity", lambda _: False)(config)
-    fit_eval_batch_size(config, data.item_num, ranks_without_score_matrix(config, similarity))
+    fit_eval_batch_size(config, data.item_num, ranks_without_score_matrix(config, get_model(config["model"])))
     train_data, valid_data, test_data = data_preparation(config, data)
     valid_data, test_data = sample_eval_users(config, valid_data, test_data)
     seed_eval_candidates(config, valid_data, test_data)

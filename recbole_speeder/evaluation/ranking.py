@@ -156,11 +156,13 @@ def rank_candidates(
     return Ranking(positive_u, _missing_last(rank, true_score, n_items), n_rows, best)
 
 
-def ranks_without_score_matrix(config, scores_by_similarity: bool) -> bool:
-    """Whether evaluation ranks here rather than through RecBole's ``[users x items]`` scores: the model's scores
-    are user-item similarities, the metrics rank, and none of them needs every score."""
+def ranks_without_score_matrix(config, model) -> bool:
+    """Whether evaluation ranks here rather than through RecBole's ``[users x items]`` scores: the model (a class or
+    an instance) scores by user-item similarity under ``config`` (``ranks_by_similarity``), the metrics rank, and
+    none of them needs every score."""
+    by_similarity = getattr(model, "ranks_by_similarity", None)
     register = Register(config)
-    return (scores_by_similarity and config["eval_type"] == EvaluatorType.RANKING
+    return (by_similarity is not None and by_similarity(config) and config["eval_type"] == EvaluatorType.RANKING
             and not any(register.need(key) for key in DENSE_NEEDS))
 
 

@@ -310,8 +310,7 @@ class SpeederTrainer(RunCheckpoints, Trainer, DeferredDDP):
     def _ranks_sparsely(self) -> bool:
         """Whether this evaluation ranks without a ``[users x items]`` matrix (``evaluation/ranking.py``): a
         similarity-scoring model, ranking metrics, none of which needs every score."""
-        similarity = getattr(self.model, "ranks_by_similarity", lambda _: False)(self.config)
-        return ranks_without_score_matrix(self.config, similarity)
+        return ranks_without_score_matrix(self.config, self.model)
 
     def _full_sort_batch_eval(self, batched_data):
         if not self._ranks_sparsely():
