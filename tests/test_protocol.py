@@ -549,7 +549,15 @@ def test_slices_split_the_full_ranking_test_by_target_popularity_and_pair_each_r
 def test_slices_combine_gives_each_slices_mean_and_std_over_seed_reports(tmp_path, capsys):
     """``--combine``: per slice, each model's mean ± sample std over the reports, and later models as a multiple of
     the first; reports that slice other users are refused."""
-    from recbole_speeder.experiments.slices import HISTORY_EDGES, Ranked, bucket_labels, bucket_order, main, slice_means
+    from recbole_speeder.experiments.slices import (
+        HISTORY_EDGES,
+        Ranked,
+        bucket_labels,
+        bucket_order,
+        main,
+        per_user_metrics,
+        slice_means,
+    )
 
     rng = np.random.default_rng(0)
     history = rng.integers(1, 30, 200)
@@ -562,7 +570,8 @@ def test_slices_combine_gives_each_slices_mean_and_std_over_seed_reports(tmp_pat
     paths = []
     for i, runs in enumerate(seeds):
         paths.append(tmp_path / f"seed{i}.json")
-        paths[-1].write_text(json.dumps({"slices": {"history length": slice_means(runs, labels,
+        metrics = {name: per_user_metrics(run.ranks) for name, run in runs.items()}
+        paths[-1].write_text(json.dumps({"slices": {"history length": slice_means(metrics, labels,
                                                                                     bucket_order(HISTORY_EDGES))}}))
     lines = main(["--combine", *map(str, paths)])["combined"]
     assert lines == capsys.readouterr().out.strip().splitlines()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -107,19 +108,25 @@ def bucket_order(edges: tuple[int, ...]) -> list[str]:
     return list(bucket_labels(np.array([*edges, edges[-1] + 1]), edges))
 
 
-def slice_table(runs: dict[str, Ranked], by: str, labels: np.ndarray, order: list[str]) -> list[str]:
-    """Markdown rows: a slice's users, each model's metric and each later model's paired difference from the first."""
-    names = list(runs)
-    metrics = {name: per_user_metrics(run.ranks) for name, run in runs.items()}
+def slice_masks(labels: np.ndarray, order: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Each non-empty slice in ``order``, then ``all``: its label and which users it holds."""
+    for label in [*order, "all"]:
+        mask = np.ones(len(labels), bool) if label == "all" else labels == label
+        if mask.any():
+            yield label, mask
+
+
+def slice_table(metrics: dict[str, dict[str, np.ndarray]], by: str, labels: np.ndarray, order: list[str]
+                ) -> list[str]:
+    """Markdown rows from each model's per-user metrics (:func:`per_user_metrics`): a slice's users, each model's
+    metric and each later model's paired difference from the first."""
+    names = list(metrics)
     header = [by, "users"]
     for metric in metrics[names[0]]:
         header.append(f"{names[0]} {metric}")
         header += [f"{name} {metric} (vs {names[0]}, ± paired SE)" for name in names[1:]]
     rows = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for label in [*order, "all"]:
-        mask = np.ones(len(labels), bool) if label == "all" else labels == label
-        if not mask.any():
-            continue
+    for label, mask in slice_masks(labels, order):
         cells = [label, str(int(mask.sum()))]
         for metric, first in metrics[names[0]].items():
             cells.append(f"{first[mask].mean():.4f}")
@@ -131,17 +138,11 @@ def slice_table(runs: dict[str, Ranked], by: str, labels: np.ndarray, order: lis
     return rows
 
 
-def slice_means(runs: dict[str, Ranked], labels: np.ndarray, order: list[str]) -> dict[str, dict]:
+def slice_means(metrics: dict[str, dict[str, np.ndarray]], labels: np.ndarray, order: list[str]) -> dict[str, dict]:
     """Per slice (and ``all``): its users and each model's mean metrics, the numbers :func:`combine` reads."""
-    metrics = {name: per_user_metrics(run.ranks) for name, run in runs.items()}
-    means = {}
-    for label in [*order, "all"]:
-        mask = np.ones(len(labels), bool) if label == "all" else labels == label
-        if mask.any():
-            means[label] = {"users": int(mask.sum()), "models": {
-                name: {metric: float(values[mask].mean()) for metric, values in per_user.items()}
-                for name, per_user in metrics.items()}}
-    return means
+    return {label: {"users": int(mask.sum()), "models": {
+        name: {metric: float(values[mask].mean()) for metric, values in per_user.items()}
+        for name, per_user in metrics.items()}} for label, mask in slice_masks(labels, order)}
 
 
 def combine(reports: list[dict]) -> list[str]:
@@ -151,9 +152,8 @@ def combine(reports: list[dict]) -> list[str]:
     if any("slices" not in report for report in reports):
         raise UsageError("a report without per-slice numbers: write it again with this version's --out")
     first = reports[0]["slices"]
-    names = [name for name in next(iter(next(iter(first.values())).values()))["models"]
-             if all(name in table[label]["models"] for report in reports for table in report["slices"].values()
-                    for label in table)]
+    names = [name for name in next(iter(first.values()))["all"]["models"]
+             if all(name in table["all"]["models"] for report in reports for table in report["slices"].values())]
     lines = []
     for by, table in first.items():
         users = {label: row["users"] for label, row in table.items()}
@@ -188,14 +188,15 @@ def compare(checkpoints: dict[str, str], config_dict: dict) -> dict:
                              "slices compares runs of one dataset and split")
     popularity = bucket_labels(first.train_counts[first.targets], POPULARITY_EDGES)
     history = bucket_labels(first.history, HISTORY_EDGES)
+    metrics = {name: per_user_metrics(run.ranks) for name, run in runs.items()}
     return {
         "checkpoints": checkpoints,
         "recbole_results": {name: {k: float(v) for k, v in run.result.items()} for name, run in runs.items()},
-        "by_target_popularity": slice_table(runs, "target's training interactions", popularity,
+        "by_target_popularity": slice_table(metrics, "target's training interactions", popularity,
                                             bucket_order(POPULARITY_EDGES)),
-        "by_history_length": slice_table(runs, "history length", history, bucket_order(HISTORY_EDGES)),
-        "slices": {"target's training interactions": slice_means(runs, popularity, bucket_order(POPULARITY_EDGES)),
-                   "history length": slice_means(runs, history, bucket_order(HISTORY_EDGES))},
+        "by_history_length": slice_table(metrics, "history length", history, bucket_order(HISTORY_EDGES)),
+        "slices": {"target's training interactions": slice_means(metrics, popularity, bucket_order(POPULARITY_EDGES)),
+                   "history length": slice_means(metrics, history, bucket_order(HISTORY_EDGES))},
     }
 
 
