@@ -22,6 +22,8 @@ EXAMPLES = """examples:
       --input ../shared/data/amazon_beauty/derived --out dataset/
   python -m dataset_prep ensure Amazon_Beauty --data-path dataset/
   python -m dataset_prep features Amazon_Beauty --data-path dataset/ --features text,image
+  python -m dataset_prep features Amazon_Beauty --data-path dataset/ --features text \
+      --text-encoder path/to/all-mpnet-base-v2 --features-out features/mpnet/
 """
 
 
@@ -38,6 +40,12 @@ def _feature_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("item features")
     group.add_argument("--features", type=_modalities, default=MODALITIES, metavar="LIST",
                        help="modalities to encode: text,image (default), text, or none; image needs URLs")
+    group.add_argument("--text-encoder", metavar="MODEL",
+                       help="sentence-transformers folder or hub id for the text features, mean or CLS pooled "
+                       "as its folder says (default: the packaged all-MiniLM-L6-v2)")
+    group.add_argument("--features-out", type=Path, metavar="DIR",
+                       help="write the feature files and their manifest here instead of beside the .item file; "
+                       "runs read them with --text_feature_file=DIR/<Dataset>.text_emb.npz")
     group.add_argument("--device", default="cpu", help="torch device for the encoders (default cpu)")
     group.add_argument("--batch-size", type=cli_type(Key(int, minimum=1)), default=64,
                        help="encoder batch size (default 64)")
@@ -115,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _feature_options(args: argparse.Namespace) -> FeatureOptions:
     return FeatureOptions(modalities=args.features, device=args.device, batch_size=args.batch_size,
                           offline=args.offline, image_cache=args.image_cache, workers=args.workers,
-                          show_progress=not args.no_progress)
+                          show_progress=not args.no_progress, text_model=args.text_encoder,
+                          out_dir=args.features_out)
 
 
 def _reader(args: argparse.Namespace) -> Reader:

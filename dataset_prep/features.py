@@ -32,8 +32,11 @@ ImageEncoder = Callable[[list[Path | None]], tuple[np.ndarray, np.ndarray]]
 
 @dataclass
 class FeatureOptions:
-    """How features are built; ``text_encoder``/``image_encoder`` replace the real models (tests, other
-    encoders) and are recorded in the manifest by their qualified name."""
+    """How features are built. ``text_model`` names the sentence encoder (a sentence-transformers folder or hub
+    id; None: the packaged all-MiniLM-L6-v2); ``text_encoder``/``image_encoder`` replace the real models (tests,
+    other encoders) and are recorded in the manifest by their qualified name. ``out_dir`` writes the feature files
+    and their manifest there instead of beside the ``.item`` file, so features of two encoders can sit side by
+    side."""
 
     modalities: Sequence[str] = MODALITIES
     device: str = "cpu"
@@ -42,6 +45,8 @@ class FeatureOptions:
     image_cache: Path | None = None  # default <dataset_dir>/images
     workers: int = 16
     show_progress: bool = True
+    text_model: str | None = None
+    out_dir: Path | None = None
     text_encoder: TextEncoder | None = None
     image_encoder: ImageEncoder | None = None
 
@@ -110,25 +115,28 @@ def build_image_features(dataset_dir: str | Path, dataset_name: str, options: Fe
 
 def _encode_unless_fresh(dataset_dir: str | Path, dataset_name: str, modality: str, ids: list[str],
                          inputs: list, digest: str, options: FeatureOptions) -> Path:
-    """The modality's feature file: kept when its manifest hash matches ``digest``, else encoded and written.
+    """The modality's feature file: kept when its manifest hash and encoder match, else encoded and written.
 
     Text encoders return the embedding; image encoders return it with a mask of the items that have an image.
     """
-    path = feature_path(dataset_dir, dataset_name, modality)
-    if is_fresh(dataset_dir, dataset_name, modality, digest):
+    out_dir = options.out_dir or dataset_dir
+    path = feature_path(out_dir, dataset_name, modality)
+    custom = getattr(options, f"{modality}_encoder")
+    if modality == "text":
+        default = functools.partial(encoders.encode_texts, model=options.text_model)
+        default_name = encoders.text_encoder_name(options.text_model)
+    else:
+        default, default_name = encoders.encode_images, encoders.IMAGE_ENCODER_NAME
+    name = _name(custom) if custom else default_name
+    if is_fresh(out_dir, dataset_name, modality, digest, name):
         log.info("%s features up to date: %s", modality, path)
         return path
-    default, default_name = {
-        "text": (encoders.encode_texts, encoders.TEXT_ENCODER_NAME),
-        "image": (encoders.encode_images, encoders.IMAGE_ENCODER_NAME),
-    }[modality]
-    custom = getattr(options, f"{modality}_encoder")
     encode = custom or functools.partial(default, batch_size=options.batch_size, device=options.device,
                                          show_progress=options.show_progress)
     encoded = encode(inputs)
     embedding, mask = encoded if modality == "image" else (encoded, None)
-    return save_item_features(dataset_dir, dataset_name, modality, ids, embedding, mask,
-                              encoder=_name(custom) if custom else default_name, source_sha256=digest)
+    return save_item_features(out_dir, dataset_name, modality, ids, embedding, mask, encoder=name,
+                              source_sha256=digest)
 
 
 def build_features(dataset_dir: str | Path, dataset_name: str, options: FeatureOptions | None = None

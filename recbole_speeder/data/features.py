@@ -113,12 +113,13 @@ def read_manifest(dataset_dir: str | os.PathLike, dataset_name: str) -> dict:
         return json.load(handle)
 
 
-def is_fresh(dataset_dir: str | os.PathLike, dataset_name: str, modality: str, sha256: str) -> bool:
-    """True when the modality's file exists and was built from the same inputs."""
+def is_fresh(dataset_dir: str | os.PathLike, dataset_name: str, modality: str, sha256: str, encoder: str) -> bool:
+    """True when the modality's file exists and was built from the same inputs by the same encoder."""
     entry = read_manifest(dataset_dir, dataset_name).get(modality)
     return (
         entry is not None
         and entry.get("source_sha256") == sha256
+        and entry.get("encoder") == encoder
         and feature_path(dataset_dir, dataset_name, modality).exists()
     )
 
