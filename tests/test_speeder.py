@@ -406,3 +406,23 @@ def test_popularity_negatives_follow_the_training_counts_and_correct_by_their_lo
     assert torch.allclose(negatives.log_q[[1, 3, 4]], torch.log(torch.tensor([0.1, 0.3, 0.6])))
     uniform = SharedNegatives(1000, "uniform", counts)
     assert set(uniform.draw(torch.device("cpu")).tolist()) == {1, 2, 3, 4}
+
+
+def test_history_dropout_drops_the_history_items_tokens_in_training_only(tiny_config):
+    # a suffix puts text tokens after the history (the prefix is not part of a history's prompt values)
+    model, train, _ = build(tiny_config(history_dropout=0.5, autocast_dtype="float32", prompt_suffix=" Next item:",
+                                        train_all_positions=False))
+    item_seq, item_seq_len, timestamps = model.inputs(first_batch(train))
+    with torch.no_grad():
+        item_tokens = model.item_tokens()
+        model.eval()
+        kept = model.history_prompt(item_seq, item_seq_len, timestamps, item_tokens)
+        model.train()
+        dropped = model.history_prompt(item_seq, item_seq_len, timestamps, item_tokens)
+    is_item = kept.token_item >= 0
+    assert is_item.any() and (~is_item).any()
+    assert torch.equal(dropped.values[~is_item], kept.values[~is_item])  # the prompt's text tokens stay
+    zeroed = (dropped.values[is_item] == 0) & (kept.values[is_item] != 0)
+    assert 0.4 < zeroed.float().mean() < 0.6
+    survivors = dropped.values[is_item] != 0
+    assert torch.allclose(dropped.values[is_item][survivors], 2 * kept.values[is_item][survivors])

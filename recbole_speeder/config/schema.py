@@ -290,6 +290,7 @@ SCHEMA: dict[str, Key] = {
     "expert_hidden": Key(int, minimum=1),
     "router": Key(str, choices=ROUTERS),
     "mrc_dropout": Key(float, minimum=0, below=1),
+    "history_dropout": Key(float, minimum=0, below=1),
     "id_embedding_dim": Key(int, minimum=1),
     "id_init": Key(str, choices=ID_INITS, rule=_id_init_rule),
     "item_chunk_size": Key(int, minimum=1),

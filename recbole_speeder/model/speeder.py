@@ -82,6 +82,7 @@ class Speeder(SequentialRecommender):
 
         # the prompt around the history, and the head that reads the user vector from its last state
         self.prompt = PromptBuilder(config, self.tokenizer, self.max_seq_length, texts)
+        self.history_dropout = nn.Dropout(config["history_dropout"])
         self.head = ScoreHead(d_model, config["head_dropout"], config["similarity"], float(config["temperature"]))
         self.loss_fct = nn.CrossEntropyLoss()
         # sampled_softmax_negatives: train against shared negatives instead of every item (catalogues of millions)
@@ -148,11 +149,15 @@ class Speeder(SequentialRecommender):
         return interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], timestamps
 
     def history_prompt(self, item_seq, item_seq_len, timestamps, item_tokens: torch.Tensor) -> Prompt:
-        """The histories' prompts, SPAE's input cues added to every item's tokens."""
+        """The histories' prompts, SPAE's input cues added to every item's tokens, which ``history_dropout`` drops
+        in training as SASRec drops its input embeddings (the prompt's text tokens are kept)."""
         prompt = self.prompt.history(self.llm.get_input_embeddings(), item_seq, item_seq_len, item_tokens)
+        is_item = (prompt.token_item >= 0).unsqueeze(-1)
         cues = self.spae.at(item_seq_len, prompt.where[0], prompt.token_item.clamp(min=0), timestamps)
         if cues is not None:
-            prompt.values = prompt.values + cues * (prompt.token_item >= 0).unsqueeze(-1)
+            prompt.values = prompt.values + cues * is_item
+        if self.training and self.history_dropout.p > 0:
+            prompt.values = torch.where(is_item, self.history_dropout(prompt.values), prompt.values)
         return prompt
 
     def forward(
