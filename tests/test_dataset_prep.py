@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import logging
 import shutil
 import subprocess
@@ -457,8 +458,6 @@ def test_missing_encoder_package_names_what_to_install(monkeypatch) -> None:
 def sentence_encoder_folder(folder: Path, pooling: str, extra_module: str | None = None) -> Path:
     """A sentence-transformers folder around a tiny random BERT with MiniLM's tokenizer: ``pooling`` mean or cls,
     at most 8 tokens per text, and optionally one more module after the pooling."""
-    import json
-
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 

