@@ -103,11 +103,31 @@ def test_id_init_text_starts_the_id_table_from_the_texts_principal_components():
     assert torch.equal(reseeded[rows], full[rows]) and not torch.equal(reseeded[~present], full[~present])
 
 
-def test_id_init_text_needs_the_text_and_id_modalities():
+def test_id_init_auto_starts_from_text_only_where_the_items_have_text_features():
+    """The default: the text start where the text expert has features, the random start without them."""
+    text = torch.randn(10, 8, generator=torch.Generator().manual_seed(0))
+    present = torch.arange(10) > 0
+
+    def id_table(id_init: str, modalities: tuple[str, ...], mask: torch.Tensor = present) -> torch.Tensor:
+        torch.manual_seed(0)
+        mrc = MixtureOfModalityExperts({"text": (text, mask)}, n_items=10, d_model=16, modalities=modalities,
+                                       id_dim=4, id_init=id_init)
+        return mrc.experts["id"].embedding.weight.detach()
+
+    assert torch.equal(id_table("auto", ("text", "id")), id_table("text", ("text", "id")))
+    assert not torch.equal(id_table("auto", ("text", "id")), id_table("random", ("text", "id")))
+    assert torch.equal(id_table("auto", ("id",)), id_table("random", ("id",)))
+    no_text = torch.zeros(10, dtype=torch.bool)
+    assert torch.equal(id_table("auto", ("text", "id"), no_text), id_table("random", ("text", "id"), no_text))
+
+
+def test_id_init_text_needs_the_text_and_id_modalities_and_the_default_does_not():
     from recbole_speeder.config import Config
 
     with pytest.raises(UsageError, match="id_init: text starts the ID table from the text features"):
         Config("Speeder", "ml-100k", config_dict={"id_init": "text", "modalities": ["id"], "state": "WARNING"})
+    default = Config("Speeder", "ml-100k", config_dict={"modalities": ["id"], "state": "WARNING"})
+    assert default["id_init"] == "auto"  # the default never asks for text the configuration lacks
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])

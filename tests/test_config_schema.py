@@ -49,7 +49,7 @@ BAD_VALUES = [
     ("Speeder", "modalities", "[text,text]", "got '[text,text]'"),
     ("Speeder", "item_repr", "image", "expected one of mrc, text, got 'image'"),
     ("Speeder", "router", "gated", "expected one of learned, uniform, got 'gated'"),
-    ("Speeder", "id_init", "pca", "expected one of random, text, got 'pca'"),
+    ("Speeder", "id_init", "pca", "expected one of auto, random, text, got 'pca'"),
     ("Speeder", "ranking_chunk_size", "0", "expected an integer >= 1, got 0"),
     ("Speeder", "similarity", "l2", "expected one of cos, dot"),
     ("Speeder", "autocast_dtype", "int8", "expected one of auto, bfloat16, float16, float32, got 'int8'"),

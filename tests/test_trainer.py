@@ -527,7 +527,8 @@ def test_init_from_starts_a_generative_run_from_a_score_run_and_keeps_the_copy_b
     names = [name for name, _ in trainable_named_parameters(model)]
     assert torch.equal(started["generative.copy_bias"], fresh["generative.copy_bias"])  # not in the checkpoint
     assert all(torch.equal(started[n], tensors[f"model.{n}"]) for n in names if n != "generative.copy_bias")
-    assert len(changed(fresh, started)) > len(names) / 2  # the score run's training, not the fresh init
+    assert {"head.1.weight", "head.1.bias"} <= changed(fresh, started)  # the score run's training (every stage
+    # trains the head), not the fresh init; which other groups it trained depends on its best epoch's stage
     assert "kept at their initialisation: ['generative.copy_bias']" in caplog.text
     trainer.fit(train, valid)  # the schedule starts afresh from the copied weights
     assert changed(started, snapshot(model)) >= {"generative.copy_bias"}
@@ -625,7 +626,7 @@ def free_port() -> str:
 
 # no dropout and no shuffle: two ranks together see what one process sees, batch by batch
 DDP_SETTINGS = {"mpo_stages": "text:text:mrc+spae+head:1,full:all:all:1", "shuffle": False, "mrc_dropout": 0.0,
-                "head_dropout": 0.0, "lora_dropout": 0.0, "dist_backend": "gloo"}
+                "head_dropout": 0.0, "lora_dropout": 0.0, "history_dropout": 0.0, "dist_backend": "gloo"}
 
 
 def test_two_gloo_processes_match_one_process(toy, tmp_path):

