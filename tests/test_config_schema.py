@@ -177,6 +177,10 @@ def test_an_unknown_key_stops_the_run_naming_the_closest_known_one(tmp_path):
     known = {"n_layers": 1, "hidden_dropout_prob": 0.2, "eval_step": 2, "item_inter_num_interval": "[5,inf)",
              "lora_r": 4, "backbone_path": "tiny-random"}
     assert Config("SASRec", "ml-100k", config_dict=known)["n_layers"] == 1
+    # keys RecBole reads only in its code (TailPercentage's, FEARec's): no yaml declares them
+    metrics = Config("SASRec", "ml-100k", cmd_args=["--metrics=['NDCG','TailPercentage']", "--tail_ratio=4"])
+    assert metrics["tail_ratio"] == 4
+    assert Config("FEARec", "ml-100k", config_dict={"contrast": "us_x", "use_filter": True})["contrast"] == "us_x"
     assert Config("Speeder", "ml-100k", cmd_args=["--mrc_tokens=2", "--n_layers=2"])["mrc_tokens"] == 2
 
 
