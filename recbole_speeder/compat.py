@@ -1,4 +1,4 @@
-"""RecBole 1.2.1 fixes for numpy 2 / torch >= 2.6, each the smallest change that makes it run.
+"""RecBole 1.2.1 fixes for numpy 2 / torch >= 2.6 and its own bugs, each the smallest change that makes it run.
 
 ``apply_compat()`` is idempotent and is called by the plugin's ``Config`` before RecBole does any work, so
 users of ``recbole_speeder`` never need to patch RecBole themselves. The pandas 3 breakage (``token_seq``
@@ -49,6 +49,27 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
 
 
+def _collect_item_counts() -> None:
+    # collector.py:227 (Collector.get_data_struct) calls .cpu() on every collected resource, but data_collect keeps
+    # the training item counts as a Counter ("data.count_items"): every evaluation with AveragePopularity or
+    # TailPercentage raised AttributeError. Tensors still move to the CPU; other values pass through unchanged.
+    from recbole.evaluator.collector import Collector
+
+    original = Collector.get_data_struct
+
+    def get_data_struct(self):
+        resources = self.data_struct._data_dict
+        kept = {key: value for key, value in resources.items() if not isinstance(value, torch.Tensor)}
+        for key in kept:
+            del resources[key]
+        struct = original(self)
+        resources.update(kept)
+        struct._data_dict.update(kept)
+        return struct
+
+    Collector.get_data_struct = get_data_struct
+
+
 @functools.cache
 def apply_compat() -> None:
     """Apply every fix once per process."""
@@ -56,3 +77,4 @@ def apply_compat() -> None:
     _restore_numpy_aliases()
     _trust_recbole_checkpoints()
     _undo_global_anomaly_detection()
+    _collect_item_counts()

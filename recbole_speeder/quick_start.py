@@ -224,6 +224,18 @@ def load_model(checkpoint: str | os.PathLike, config_dict: dict | None = None):
     return load(checkpoint, config_dict)
 
 
+def load_tester(checkpoint: str | os.PathLike, config_dict: dict | None = None):
+    """:func:`load_model` and a trainer ready to test it: the training data's statistics collected, as ``fit``
+    collects them, for the metrics that read them (RecBole's AveragePopularity, TailPercentage, ...).
+
+    Returns ``(config, trainer, dataset, valid_data, test_data)``.
+    """
+    config, model, dataset, train_data, valid_data, test_data = load_model(checkpoint, config_dict)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer.eval_collector.data_collect(train_data)
+    return config, trainer, dataset, valid_data, test_data
+
+
 def _rebuild(model: str, dataset: str, config_dict: dict):
     config = Config(model, dataset, config_dict=config_dict)
     start_logging(config)

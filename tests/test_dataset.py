@@ -41,7 +41,7 @@ def test_the_splits_are_recboles_row_for_row(tiny_config, split, all_positions):
         assert np.array_equal(mine, reference)  # each test row's history, its users' first items included
     assert np.array_equal(item_interaction_counts(ours_whole), item_interaction_counts(theirs_whole))
     assert len(theirs[0].inter_feat[theirs[0].item_id_list_field][0]) == 5  # ml-100k rows slide past the window
-    counts = item_interaction_counts(theirs[0])
+    counts, targets = item_interaction_counts(theirs[0]), theirs[0].item_counter
     if all_positions:
         users = theirs[0].inter_feat[theirs[0].uid_field].numpy()
         keep = tiling_window_index(users, 5)
@@ -50,6 +50,7 @@ def test_the_splits_are_recboles_row_for_row(tiny_config, split, all_positions):
     for mine, reference in zip(ours, theirs, strict=True):
         assert_same_rows(mine, reference)
     assert np.array_equal(ours[0].item_train_counts, counts)
+    assert ours[0].item_counter == targets  # the popularity metrics' counts, before tiling
     assert len(ours[1].inter_feat) == (0 if split == "test_only" else len(theirs[1].inter_feat))
 
 

@@ -486,6 +486,11 @@ def test_retest_reproduces_a_runs_test_and_tests_the_checkpoint_under_other_keys
         again = retest(str(checkpoint), {})
         assert again["model"] == name and dict(again["test_result"]) == dict(runs[name]["test_result"])
         assert again["eval_protocol"] == runs[name]["eval_protocol"]
+    # metrics that read the training data's statistics, which fit() collects and a retest has not run
+    popularity = retest(str(checkpoints["SASRec"]), {"metrics": ["NDCG", "AveragePopularity", "TailPercentage"],
+                                                     "tail_ratio": 2})["test_result"]
+    assert popularity["ndcg@10"] == runs["SASRec"]["test_result"]["ndcg@10"]
+    assert popularity["averagepopularity@10"] > 0 and 0 <= popularity["tailpercentage@10"] <= 1
 
     out = tmp_path / "free.json"
     free = main([str(checkpoints["Speeder"]), "--generate_decoder=free", "--eval_users=7", f"--out={out}"])

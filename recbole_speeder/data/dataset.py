@@ -12,6 +12,8 @@ tiling.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 from recbole.data.dataset import SequentialDataset
@@ -122,6 +124,14 @@ class SpeederDataset(SequentialDataset):
                                  HISTORY_START: torch.from_numpy(starts)}))
         self.inter_feat = rows
 
+    @property
+    def item_counter(self) -> Counter:
+        """RecBole's count of each item as a row's target, taken before the tiling (``train_all_positions``) keeps
+        fewer training rows: RecBole's popularity metrics (AveragePopularity, TailPercentage) read it, and see the
+        same counts as for RecBole's own sequential models."""
+        untiled = getattr(self, "untiled_targets", None)
+        return Counter(untiled.numpy()) if untiled is not None else super().item_counter
+
     def history_lists(self, starts: torch.Tensor, lengths: torch.Tensor,
                       fields: list[str] | None = None) -> dict[str, torch.Tensor]:
         """The list fields (of every field, or of ``fields``) of rows whose histories start at ``starts`` and hold
@@ -161,9 +171,10 @@ class SpeederDataset(SequentialDataset):
             parts = [parts[0], empty, parts[1]]
         self._drop_unused_col()
         counts = item_interaction_counts(self, parts[0])
+        targets = self.inter_feat[self.iid_field][torch.as_tensor(parts[0])]
         parts[0] = self._training_rows(parts[0])
         datasets = [self.copy(select_rows(self.inter_feat, index)) for index in parts]
-        datasets[0].item_train_counts = counts
+        datasets[0].item_train_counts, datasets[0].untiled_targets = counts, targets
         return datasets
 
     def build(self):
@@ -171,6 +182,7 @@ class SpeederDataset(SequentialDataset):
         train = datasets[0]
         if not hasattr(train, "item_train_counts"):  # a split other than leave-one-out
             train.item_train_counts = item_interaction_counts(train)
+            train.untiled_targets = train.inter_feat[self.iid_field]
             rows = train._training_rows(np.arange(len(train.inter_feat)))
             datasets[0] = train.copy(select_rows(train.inter_feat, rows))
         for split in datasets:

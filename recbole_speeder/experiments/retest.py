@@ -31,11 +31,9 @@ def parse_overrides(flags: list[str]) -> dict:
 def retest(checkpoint: str, config_dict: dict) -> dict:
     """The test result (and the full ranking beside a sampled one) of ``checkpoint`` under ``config_dict``."""
     from recbole_speeder.evaluation.protocol import evaluate_test
-    from recbole_speeder.quick_start import load_model
-    from recbole_speeder.utils import get_trainer
+    from recbole_speeder.quick_start import load_tester
 
-    config, model, *_, test_data = load_model(checkpoint, config_dict)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    config, trainer, *_, test_data = load_tester(checkpoint, config_dict)
     result = evaluate_test(trainer, config, test_data, load_best_model=False, show_progress=config["show_progress"])
     getLogger().info(f"test result: {result['test_result']}")
     return {"checkpoint": str(checkpoint), "model": config["model"], "overrides": config_dict, **result}

@@ -60,11 +60,9 @@ def training_counts(dataset, valid_data, test_data) -> np.ndarray:
 def rank_test_users(checkpoint: str, config_dict: dict) -> Ranked:
     """Every test user's rank of the true item among all items, from RecBole's own full-ranking evaluation."""
     from recbole_speeder.evaluation.protocol import full_ranking_loader
-    from recbole_speeder.quick_start import load_model
-    from recbole_speeder.utils import get_trainer
+    from recbole_speeder.quick_start import load_tester
 
-    config, model, dataset, _, valid_data, test_data = load_model(checkpoint, config_dict)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    config, trainer, dataset, valid_data, test_data = load_tester(checkpoint, config_dict)
     users, targets, history, ranks = [], [], [], []
     score_batch = trainer._full_sort_batch_eval
 
