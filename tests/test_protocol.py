@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from recbole_speeder.trainer.rng import seed_run
 from recbole_speeder.utils import create_dataset, get_model
 
 DATASET = "toyproto"
+REPO = Path(__file__).resolve().parents[1]
 USERS, ITEMS, LENGTH = 30, 40, 12
 
 
@@ -505,6 +507,24 @@ def test_retest_reproduces_a_runs_test_and_tests_the_checkpoint_under_other_keys
     assert [line.startswith("error: ") for line in capsys.readouterr().err.splitlines()] == [True, True]
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing.pth")])
+
+
+def test_the_popularity_prior_probe_reranks_a_trained_speeder_by_its_training_counts(toy_dict, tmp_path,
+                                                                                     monkeypatch):
+    """research/popularity_prior.py: beta 0 is the run's own ranking; a large beta ranks by popularity alone."""
+    monkeypatch.chdir(tmp_path)
+    full = {**toy_dict, "checkpoint_dir": str(tmp_path / "saved"), "metrics": ["Hit", "NDCG"],
+            "eval_args": {**toy_dict["eval_args"], "mode": "full"}}
+    run = run_recbole_speeder("Speeder", DATASET, config_dict=full)
+    checkpoint = next((tmp_path / "saved").glob("Speeder-*[0-9].safetensors"))
+    out = tmp_path / "prior.json"
+    done = subprocess.run([sys.executable, str(REPO / "research" / "popularity_prior.py"), str(checkpoint),
+                           "--betas=0,100", f"--out={out}"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    prior = json.loads(out.read_text())
+    assert prior["valid"]["0.0"]["ndcg@10"] == pytest.approx(run["best_valid_result"]["ndcg@10"])
+    assert prior["valid"]["100.0"]["averagepopularity@10"] > prior["valid"]["0.0"]["averagepopularity@10"]
+    assert "0.0" in prior["test"]
 
 
 @pytest.mark.parametrize("metrics", [["Hit", "NDCG"], ["Hit", "NDCG", "VHR"]], ids=["chunked-ranking", "score-matrix"])
