@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
+from recbole_speeder.errors import UsageError
 from recbole_speeder.evaluation.protocol import full_ranking_loader
 from recbole_speeder.experiments.slices import training_counts
 from recbole_speeder.quick_start import load_tester
@@ -33,7 +35,11 @@ def main() -> None:
     overrides = {"metrics": METRICS, "tail_ratio": args.tail_ratio, "topk": [10], "show_progress": False}
     if args.data_path:
         overrides["data_path"] = args.data_path
-    config, trainer, dataset, valid, test = load_tester(args.checkpoint, overrides)
+    try:
+        config, trainer, dataset, valid, test = load_tester(args.checkpoint, overrides)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     log_count = torch.log1p(torch.tensor(training_counts(dataset, valid, test), dtype=torch.float32))
     factors, beta = trainer.model.full_sort_factors, {"value": 0.0}
 
