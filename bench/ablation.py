@@ -44,6 +44,8 @@ VARIANTS = {
     "no_inference_mode": ({"inference_mode": False}, "scoring under RecBole's torch.no_grad only"),
     "full_last_layer": ({"last_layer_reads_only": False}, "the last decoder layer computed at every slot"),
     "no_lora": ({"lora_r": 0}, "LLM fully frozen"),
+    "lora_all": ({"lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+                 "LoRA on every linear layer of the decoder (attention and MLP), not only q and v"),
     "layers_1": ({"backbone_layers": 1}, "1 decoder layer"),
     "layers_4": ({"backbone_layers": 4}, "4 decoder layers"),
     "layers_8": ({"backbone_layers": 8}, "8 decoder layers"),
