@@ -35,6 +35,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "id-init-random": {"id_init": "random"},  # control for the default: the ID table starts random
     "no-history-dropout": {"history_dropout": 0.0},  # control for the default: history tokens never dropped
     "untuned": {"id_init": "random", "history_dropout": 0.0},  # the defaults before the Beauty tuning (earlier tables)
+    # LoRA on every linear layer of the decoder (attention and MLP), not only q and v
+    "lora-all": {"lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
     # baselines: SASRec as the eSASRec benchmark sets it (1 block, 1 head, dropout 0.2), the field's strongest on Beauty
     "esasrec": {"n_layers": 1, "n_heads": 1, "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.2},
 }
