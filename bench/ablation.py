@@ -28,6 +28,7 @@ from bench.report import command_line, machine_line, publish, run_cli, utc_now  
 from bench.workload import build_workload  # noqa: E402
 from recbole_speeder.config import Config  # noqa: E402
 from recbole_speeder.errors import UsageError  # noqa: E402
+from recbole_speeder.experiments.variants import VARIANTS as NAMED_VARIANTS  # noqa: E402
 from recbole_speeder.model import Speeder  # noqa: E402
 from recbole_speeder.trainer.rng import seed_run  # noqa: E402
 from recbole_speeder.utils import create_dataset  # noqa: E402
@@ -44,7 +45,7 @@ VARIANTS = {
     "no_inference_mode": ({"inference_mode": False}, "scoring under RecBole's torch.no_grad only"),
     "full_last_layer": ({"last_layer_reads_only": False}, "the last decoder layer computed at every slot"),
     "no_lora": ({"lora_r": 0}, "LLM fully frozen"),
-    "lora_all": ({"lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    "lora_all": (NAMED_VARIANTS["lora-all"],
                  "LoRA on every linear layer of the decoder (attention and MLP), not only q and v"),
     "layers_1": ({"backbone_layers": 1}, "1 decoder layer"),
     "layers_4": ({"backbone_layers": 4}, "4 decoder layers"),

@@ -28,9 +28,9 @@ from recbole_speeder.evaluation.metrics import register_metrics
 from recbole_speeder.resources import properties_dir
 from recbole_speeder.utils import get_model
 
-# Keys RecBole sets itself or reads without a default in any yaml: known, although no file declares them. The second
-# line's are user settings read only in RecBole 1.2.1's code: TailPercentage's tail_ratio, FEARec's contrast, sim and
-# use_filter, the data transforms' eta, the dataset's encoding, some models' and trainers' options.
+# Keys RecBole sets itself or reads without a default in any yaml: known, although no file declares them. Those of
+# the last two lines are user settings read only in RecBole 1.2.1's code: TailPercentage's tail_ratio, FEARec's
+# contrast, sim and use_filter, the data transforms' eta, the dataset's encoding, some models' and trainers' options.
 DERIVED_KEYS = frozenset({"model", "dataset", "config_files", "device", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE",
                           "eval_type", "valid_neg_sample_args", "test_neg_sample_args",
                           "tail_ratio", "contrast", "sim", "use_filter", "eta", "encoding", "has_residual", "cin",
